@@ -1,0 +1,324 @@
+"""The host side: streams of events over the jitted prefill and decode step.
+
+Data path for one request:
+  prompt text --Tokenizer.encode--> ids --bucketed chunks--> prefill (writes the slot's KV
+  cache, samples the first token on device) --> decode_step for all slots, one token each
+  --one [S, 2+2n] device->host copy--> Stream: IncrementalDetokenizer (whole UTF-8 chars
+  only) --> StopMatcher (holds back possible stop-string prefixes) --> Event(text delta).
+
+Pipelining: `Engine.step()` dispatches decode step t+1 *before* it reads step t's output, so
+the device computes the next token while Python detokenizes the previous one. Step t+1's
+input tokens are step t's output still on device; the host never feeds tokens back.
+A slot whose request has just finished may therefore compute one extra token; it is
+discarded, and the slot's next prefill resets it.
+
+Several streams share one engine. Iterating any of them drives `step()`, which advances all
+slots, so every stream makes progress. `step()` is guarded by a lock: one thread at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from decode import sampling, steps
+from decode.detokenize import IncrementalDetokenizer
+from decode.stops import StopMatcher
+from model.cache import init_cache
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Static shapes of the engine: each distinct value is one compiled program."""
+  num_slots: int = 4
+  max_len: int = 2048
+  prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+  cache_block: int = 256
+  top_logprobs: int = 0  # n of the top-n logprobs every step returns (0: none)
+  max_bias: int = 16  # logit_bias entries per request
+
+  def bucket(self, n: int) -> int:
+    """Smallest bucket holding n tokens (the largest one for longer remainders)."""
+    return next((b for b in self.prefill_buckets if b >= n), self.prefill_buckets[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+  """One generated token. `text` is the printable delta (may be empty while bytes of a
+  character or a possible stop string are held back). The last event of a stream has a
+  `finish_reason`: "stop" (EOS or stop string), "length" or "cancelled"."""
+  token_id: int
+  text: str
+  logprob: float
+  index: int
+  time: float  # seconds since the request was submitted
+  finish_reason: str | None = None
+  top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  prompt_ids: tuple[int, ...]
+  max_new_tokens: int = 64
+  sampling: sampling.SamplingParams | None = None
+  stop: tuple[str, ...] = ()
+  stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS / end-of-turn ids
+
+
+def fit_prompt(ids: Sequence[int], max_new_tokens: int, max_len: int,
+               keep_start: int | None = None) -> list[int]:
+  """Check that prompt + max_new_tokens fits; optionally truncate the middle of the prompt.
+
+  With keep_start=None a prompt that does not fit is an error naming both numbers. With
+  keep_start=k the first k tokens (BOS, system part) are kept along with as many of the
+  latest tokens as fit, and the middle is dropped.
+  """
+  ids = list(ids)
+  if not ids:
+    raise ValueError("the prompt is empty")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  room = max_len - max_new_tokens
+  if len(ids) <= room:
+    return ids
+  if keep_start is None or room <= keep_start:
+    raise ValueError(
+        f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
+        f"max_len={max_len} (room for a prompt of at most {max(room, 0)} tokens)")
+  return ids[:keep_start] + ids[len(ids) - (room - keep_start):]
+
+
+class Stream:
+  """The events of one request. Iterate it (sync or async); close it to cancel."""
+
+  def __init__(self, engine: "Engine", request: Request, on_event: Callable | None):
+    self.engine, self.request, self.on_event = engine, request, on_event
+    tok = engine.tokenizer
+    self._detok = IncrementalDetokenizer(engine.piece_bytes, tok.strips_leading_space)
+    self._stops = StopMatcher(request.stop)
+    self._stop_ids = set(tok.stop_ids if request.stop_ids is None else request.stop_ids)
+    self._events: collections.deque[Event] = collections.deque()
+    self.slot: int | None = None
+    self.finish_reason: str | None = None
+    self.num_tokens = 0
+    self.submitted = time.perf_counter()
+    self.first_token_time: float | None = None
+
+  @property
+  def done(self) -> bool:
+    return self.finish_reason is not None
+
+  def _push(self, event: Event):
+    self._events.append(event)
+    if self.on_event is not None:
+      self.on_event(event)
+
+  def _on_token(self, token: int, logprob: float, top: tuple):
+    """Host-side bookkeeping for one sampled token: text delta and stop conditions."""
+    now = time.perf_counter() - self.submitted
+    if self.first_token_time is None:
+      self.first_token_time = now
+    self.num_tokens += 1
+    finish, text = None, ""
+    if token in self._stop_ids:  # EOS-like ids end the stream; their piece is not text
+      finish, text = "stop", self._end_of_text()
+    else:
+      text, stopped = self._stops.feed(self._detok.add(token))
+      if stopped:
+        finish = "stop"
+      elif self.num_tokens >= self.request.max_new_tokens:
+        finish, text = "length", text + self._end_of_text()
+    self.finish_reason = finish
+    self._push(Event(token, text, logprob, self.num_tokens - 1, now, finish, top))
+
+  def _end_of_text(self) -> str:
+    """Release buffered bytes and held-back text, still never emitting a stop string."""
+    text, stopped = self._stops.feed(self._detok.flush())
+    return text if stopped else text + self._stops.flush()
+
+  def cancel(self):
+    """Stop generating now and free the slot; an iterating consumer sees "cancelled"."""
+    if not self.done:
+      self.finish_reason = "cancelled"
+      self.engine._cancel(self)
+      now = time.perf_counter() - self.submitted
+      self._push(Event(-1, "", 0.0, self.num_tokens, now, "cancelled"))
+
+  close = cancel
+
+  def __iter__(self) -> Iterator[Event]:
+    try:
+      while True:
+        while not self._events:
+          self.engine.step()
+        event = self._events.popleft()
+        yield event
+        if event.finish_reason:
+          return
+    finally:
+      self.cancel()
+
+  async def __aiter__(self):
+    try:
+      while True:
+        while not self._events:
+          await asyncio.to_thread(self.engine.step)
+        event = self._events.popleft()
+        yield event
+        if event.finish_reason:
+          return
+    finally:
+      self.cancel()
+
+  def text(self) -> str:
+    """Run to completion and return the whole text (the non-streaming API)."""
+    return "".join(e.text for e in self)
+
+
+class Engine:
+  """Owns params, the decode state on device, the compiled steps and the slots."""
+
+  def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer,
+               engine_config: EngineConfig = EngineConfig(), cache_dtype=None):
+    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.engine_config = ec = engine_config
+    if max(ec.prefill_buckets) > ec.max_len:
+      raise ValueError(f"largest prefill bucket {max(ec.prefill_buckets)} exceeds max_len {ec.max_len}")
+    if tokenizer.vocab_size > config.vocab_size:
+      raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                       f"{config.vocab_size} embeddings")
+    # A model vocabulary padded past the tokenizer's decodes its extra ids to nothing.
+    self.piece_bytes = tokenizer.piece_bytes + [b""] * (config.vocab_size - tokenizer.vocab_size)
+    self.model = Transformer(config)
+    cache = init_cache(config, ec.num_slots, ec.max_len, cache_dtype, ec.cache_block)
+    self.state = steps.init_state(cache, ec.max_bias)
+    self._prefill = jax.jit(steps.prefill, static_argnums=(0, 8), static_argnames=("last_chunk",),
+                            donate_argnums=(2,))
+    self._decode = jax.jit(steps.decode_step, static_argnums=(0, 3), donate_argnums=(2,))
+    self._release = jax.jit(steps.release, donate_argnums=(0,))
+    self._free = list(range(ec.num_slots))
+    self._slots: dict[int, Stream] = {}
+    self._waiting: collections.deque[Stream] = collections.deque()
+    self._inflight = None  # (packed device array, [(slot, stream)]) of the last decode step
+    self._lock = threading.RLock()
+    self.steps_run = 0
+
+  # ---- requests -------------------------------------------------------------------------
+  def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Stream:
+    ec = self.engine_config
+    fit_prompt(request.prompt_ids, request.max_new_tokens, ec.max_len)
+    bad = [i for i in request.prompt_ids if not 0 <= i < self.config.vocab_size]
+    if bad:
+      raise ValueError(f"prompt ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+    if request.sampling is None:
+      request = dataclasses.replace(request, sampling=sampling.make_params(max_bias=ec.max_bias))
+    stream = Stream(self, request, on_event)
+    with self._lock:
+      self._waiting.append(stream)
+    return stream
+
+  def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
+               stop: Sequence[str] = (), add_bos: bool = True, on_event=None,
+               **sampling_kwargs) -> Stream:
+    """Stream a completion of `prompt` (text, or ids used as given)."""
+    ids = self.tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else prompt
+    params = sampling.make_params(max_bias=self.engine_config.max_bias, **sampling_kwargs)
+    return self.submit(Request(tuple(ids), max_new_tokens, params, tuple(stop)), on_event)
+
+  @property
+  def num_active(self) -> int:
+    return len(self._slots)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  def _cancel(self, stream: Stream):
+    with self._lock:
+      if stream in self._waiting:
+        self._waiting.remove(stream)
+      if stream.slot is not None and self._slots.get(stream.slot) is stream:
+        self._free_slot(stream.slot)
+
+  def _free_slot(self, slot: int):
+    del self._slots[slot]
+    self._free.append(slot)
+    self.state = self._release(self.state, np.int32(slot))
+
+  # ---- the loop -------------------------------------------------------------------------
+  def _admit(self, stream: Stream):
+    """Prefill a waiting request into a free slot; returns the packed first token (on device)."""
+    ec, ids = self.engine_config, list(stream.request.prompt_ids)
+    slot = self._free.pop(0)
+    stream.slot, self._slots[slot] = slot, stream
+    start, packed = 0, None
+    while start < len(ids):
+      n = min(len(ids) - start, ec.prefill_buckets[-1])
+      chunk = np.zeros((ec.bucket(n),), np.int32)
+      chunk[:n] = ids[start:start + n]
+      last = start + n == len(ids)
+      self.state, packed = self._prefill(
+          self.model, self.params, self.state, chunk, np.int32(n), np.int32(start),
+          np.int32(slot), stream.request.sampling, ec.top_logprobs, last_chunk=last)
+      start += n
+    return packed
+
+  def step(self) -> bool:
+    """One engine iteration. Returns False when there was nothing to do."""
+    with self._lock:
+      admitted = []
+      while self._waiting and self._free:
+        stream = self._waiting.popleft()
+        admitted.append((stream, self._admit(stream)))
+      previous = self._inflight
+      self._inflight = None
+      if self._slots:  # dispatch step t+1 before reading step t
+        self.state, packed = self._decode(self.model, self.params, self.state,
+                                          self.engine_config.top_logprobs)
+        self._inflight = (packed, list(self._slots.items()))
+        self.steps_run += 1
+      if previous is not None:
+        rows = np.asarray(previous[0])  # the one device->host copy of this step
+        for slot, stream in previous[1]:
+          self._deliver(stream, rows[slot])
+      for stream, packed in admitted:
+        self._deliver(stream, np.asarray(packed))
+      return bool(admitted or previous or self._inflight)
+
+  def _deliver(self, stream: Stream, row: np.ndarray):
+    if stream.done:
+      return
+    n = self.engine_config.top_logprobs
+    top = tuple(zip(row[2:2 + n].astype(int).tolist(), row[2 + n:2 + 2 * n].tolist()))
+    stream._on_token(int(row[0]), float(row[1]), top)
+    if stream.done and self._slots.get(stream.slot) is stream:
+      self._free_slot(stream.slot)
+
+  def run_until_done(self):
+    """Drive the engine until no request is waiting or running."""
+    while self.step():
+      pass
+
+  def warmup(self):
+    """Compile every prefill bucket (both chunk kinds) and the decode step."""
+    ec = self.engine_config
+    # Chunks before the last are always full largest-bucket chunks: one extra program.
+    variants = [(b, True) for b in ec.prefill_buckets] + [(ec.prefill_buckets[-1], False)]
+    for bucket, last in variants:
+      self.state, out = self._prefill(
+          self.model, self.params, self.state, np.zeros((bucket,), np.int32), np.int32(1),
+          np.int32(0), np.int32(0), sampling.make_params(max_bias=ec.max_bias),
+          ec.top_logprobs, last_chunk=last)
+    self.state, out = self._decode(self.model, self.params, self.state, ec.top_logprobs)
+    self.state = self._release(self.state, np.int32(0))
+    jax.block_until_ready(out)

@@ -1,0 +1,144 @@
+"""On-device sampling with per-row parameters, so one compiled step serves any mix of settings.
+
+Every strategy is a filter with the same signature, `(logits [B,V], params) -> logits [B,V]`,
+that leaves rows alone when their parameter is "off" (top_k 0, top_p 1, min_p 0, no bias).
+`sample` chains them: bias -> temperature -> top-k -> top-p -> min-p -> Gumbel-max draw.
+Rows with temperature 0 take the argmax of the biased logits (greedy).
+
+Each filter runs under `lax.cond` on "does any row use it", so a batch of greedy requests
+pays nothing for top-p. Thresholds for top-k and top-p are found by bisection on the value
+(a fixed number of masked reductions over V) instead of sorting 262144 logits per row; ties
+at the threshold are all kept.
+
+Randomness: row b draws from `fold_in(key(seed_b), step_b)`, where step_b counts the tokens
+that request has generated. The draw depends on nothing else, so a seeded request gives the
+same tokens in any slot and next to any other requests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+_NEG_INF = -jnp.inf
+_BISECT_STEPS = 40  # enough to reach adjacent float32 values across a logit range of ~1e3
+
+
+@struct.dataclass
+class SamplingParams:
+  """Per-row sampling settings; every field has a leading batch axis [B]."""
+  temperature: jax.Array  # f32; 0 means greedy
+  top_k: jax.Array  # i32; 0 means off
+  top_p: jax.Array  # f32 in (0, 1]; 1 means off
+  min_p: jax.Array  # f32 in [0, 1); 0 means off
+  seed: jax.Array  # u32
+  bias_ids: jax.Array  # [B, M] i32; -1 pads unused entries
+  bias_values: jax.Array  # [B, M] f32; -inf bans a token
+
+
+def make_params(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, logit_bias=None,
+                max_bias: int = 16) -> SamplingParams:
+  """Host-side constructor for one row (no batch axis); validates the values."""
+  if not 0.0 <= temperature <= 100.0:
+    raise ValueError(f"temperature must be in [0, 100], got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not 0.0 <= min_p < 1.0:
+    raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+  bias = dict(logit_bias or {})
+  if len(bias) > max_bias:
+    raise ValueError(f"at most {max_bias} logit_bias entries are supported, got {len(bias)}")
+  ids = list(bias) + [-1] * (max_bias - len(bias))
+  vals = [float(v) for v in bias.values()] + [0.0] * (max_bias - len(bias))
+  # numpy, not jnp: these are host values that travel to the device with the next call.
+  return SamplingParams(
+      temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
+      min_p=np.float32(min_p), seed=np.uint32(seed % 2**32),
+      bias_ids=np.asarray(ids, np.int32), bias_values=np.asarray(vals, np.float32))
+
+
+def stack(rows: list[SamplingParams]) -> SamplingParams:
+  return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+def _when_used(used, fn, logits, p):
+  return lax.cond(jnp.any(used), fn, lambda x, _: x, logits, p)
+
+
+def logit_bias(logits, p: SamplingParams):
+  rows = jnp.arange(logits.shape[0])[:, None]
+  ids = jnp.where(p.bias_ids >= 0, p.bias_ids, logits.shape[1])  # out of range: dropped
+  return _when_used(p.bias_ids >= 0, lambda x, q: x.at[rows, ids].add(q.bias_values, mode="drop"),
+                    logits, p)
+
+
+def temperature(logits, p: SamplingParams):
+  t = jnp.where(p.temperature > 0, p.temperature, 1.0)
+  return logits / t[:, None]
+
+
+def _bisect(lo, hi, keeps_enough):
+  """Largest t in [lo, hi] with keeps_enough(t) (assumed monotone: true at lo)."""
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    ok = keeps_enough(mid)
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  lo, _ = lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))
+  return lo
+
+
+def top_k(logits, p: SamplingParams):
+  def f(x, q):
+    # Banned (-inf) entries never count; with fewer than k finite entries all are kept.
+    lo = jnp.where(jnp.isfinite(x), x, jnp.inf).min(1, keepdims=True)
+    hi = x.max(1, keepdims=True)
+    k = q.top_k[:, None]
+    t = _bisect(lo, hi, lambda t: (x >= t).sum(1, keepdims=True) >= k)
+    return jnp.where((k > 0) & (x < t), _NEG_INF, x)
+  return _when_used(p.top_k > 0, f, logits, p)
+
+
+def top_p(logits, p: SamplingParams):
+  def f(x, q):
+    probs = jax.nn.softmax(x, axis=-1)
+    lo, hi = jnp.zeros_like(probs[:, :1]), probs.max(1, keepdims=True)
+    need = q.top_p[:, None]
+    t = _bisect(lo, hi, lambda t: jnp.where(probs >= t, probs, 0.0).sum(1, keepdims=True) >= need)
+    return jnp.where((need < 1.0) & (probs < t), _NEG_INF, x)
+  return _when_used(p.top_p < 1.0, f, logits, p)
+
+
+def min_p(logits, p: SamplingParams):
+  def f(x, q):
+    probs = jax.nn.softmax(x, axis=-1)
+    floor = q.min_p[:, None] * probs.max(1, keepdims=True)
+    return jnp.where(probs < floor, _NEG_INF, x)
+  return _when_used(p.min_p > 0.0, f, logits, p)
+
+
+FILTERS = (temperature, top_k, top_p, min_p)
+
+
+def row_keys(p: SamplingParams, step):
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p.seed, step)
+
+
+def sample(logits, p: SamplingParams, step):
+  """Next tokens [B] (int32) for float32 logits [B,V]; `step` [B] counts tokens generated."""
+  biased = logit_bias(logits, p)
+  greedy = jnp.argmax(biased, axis=-1).astype(jnp.int32)
+
+  def draw(x):
+    for f in FILTERS:
+      x = f(x, p)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[1:], jnp.float32))(row_keys(p, step))
+    drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.where(p.temperature > 0, drawn, greedy)
+
+  return lax.cond(jnp.any(p.temperature > 0), draw, lambda _: greedy, biased)

@@ -1,0 +1,125 @@
+"""The two device functions, prefill and decode_step, and a fused loop built from the same step.
+
+They are pure: params and state go in, new state and one small output array come out. The
+caller jits them with the model static and the state donated, e.g.
+
+  decode = jax.jit(decode_step, static_argnums=(0, 3), donate_argnums=2)
+
+Output rows are packed into one float32 array so the host makes one device-to-host copy per
+step for all slots:
+  [token_id, logprob, top_ids[0..n), top_logprobs[0..n)]      (width 2 + 2n)
+Token ids below 2**24 are exact in float32 (Gemma's vocabulary is 2**18).
+`logprob` is the model's log-probability of the chosen token (before bias, temperature and
+filters), the figure logprob APIs report.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from decode import sampling
+from decode.sampling import SamplingParams
+from model.cache import KVCache
+from model.transformer import Transformer
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything the device needs to advance every slot by one token.
+
+  cache: the KV cache (its `lengths` are the positions of the next token per slot).
+  tokens: [S] the token each slot feeds into the next step (last sampled).
+  active: [S] whether the slot holds a live request; inactive slots write nothing.
+  num_generated: [S] tokens sampled so far for the slot's request (the RNG step).
+  sampling: per-slot SamplingParams.
+  """
+  cache: KVCache
+  tokens: jax.Array
+  active: jax.Array
+  num_generated: jax.Array
+  sampling: SamplingParams
+
+
+def init_state(cache: KVCache, max_bias: int = 16) -> DecodeState:
+  s = cache.num_slots
+  row = sampling.make_params(max_bias=max_bias)
+  return DecodeState(
+      cache=cache, tokens=jnp.zeros((s,), jnp.int32), active=jnp.zeros((s,), bool),
+      num_generated=jnp.zeros((s,), jnp.int32), sampling=sampling.stack([row] * s))
+
+
+def pack(logits, params: SamplingParams, step, top_n: int):
+  """Sample from float32 logits [B,V] and pack [B, 2+2n] for the host."""
+  tokens = sampling.sample(logits, params, step)
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)
+  cols = [tokens[:, None].astype(jnp.float32), chosen]
+  if top_n:
+    top_lp, top_ids = jax.lax.top_k(logprobs, top_n)
+    cols += [top_ids.astype(jnp.float32), top_lp]
+  return tokens, jnp.concatenate(cols, axis=1)
+
+
+def prefill(model: Transformer, params, state: DecodeState, tokens, n_real, start, slot,
+            request: SamplingParams, top_n: int = 0, *, last_chunk: bool = True):
+  """Write one bucket-padded chunk of a prompt into `slot`, starting at position `start`.
+
+  tokens: [T] ids, of which the first n_real are real; padding is never written or attended.
+  Intermediate chunks (last_chunk=False, static) stop after the cache write: no logits.
+  The last chunk projects only the hidden state of the last real token onto the vocabulary,
+  samples the first new token there, and arms the slot for decode_step.
+  Returns (state, packed [2+2n]) — packed is zeros for intermediate chunks.
+  """
+  t = tokens.shape[0]
+  cache = state.cache
+  # A first chunk (start 0) replaces whatever an earlier request left in this slot.
+  cache = cache.replace(lengths=cache.lengths.at[slot].set(start))
+  positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
+  valid = (jnp.arange(t) < n_real)[None]
+  h, cache = model.apply({"params": params}, tokens[None], positions, valid, cache, slot)
+  state = state.replace(cache=cache)
+  if not last_chunk:
+    return state, jnp.zeros((2 + 2 * top_n,), jnp.float32)
+  h_last = jax.lax.dynamic_index_in_dim(h[0], n_real - 1, 0, keepdims=True)  # [1, D]
+  logits = model.apply({"params": params}, h_last, method=Transformer.logits)
+  req = jax.tree.map(lambda x: x[None], request)
+  token, packed = pack(logits, req, jnp.zeros((1,), jnp.int32), top_n)
+  put = lambda arr, val: arr.at[slot].set(val)
+  state = state.replace(
+      tokens=put(state.tokens, token[0]), active=put(state.active, True),
+      num_generated=put(state.num_generated, 1),
+      sampling=jax.tree.map(put, state.sampling, request))
+  return state, packed[0]
+
+
+def decode_step(model: Transformer, params, state: DecodeState, top_n: int = 0):
+  """Advance every active slot by one token. Returns (state, packed [S, 2+2n])."""
+  cache = state.cache
+  positions = cache.lengths[:, None]
+  h, cache = model.apply({"params": params}, state.tokens[:, None], positions,
+                         state.active[:, None], cache, 0)
+  logits = model.apply({"params": params}, h[:, 0], method=Transformer.logits)
+  tokens, packed = pack(logits, state.sampling, state.num_generated, top_n)
+  state = state.replace(
+      cache=cache, tokens=jnp.where(state.active, tokens, state.tokens),
+      num_generated=state.num_generated + state.active.astype(jnp.int32))
+  return state, packed
+
+
+def release(state: DecodeState, slot) -> DecodeState:
+  """Free a slot: it stops writing to the cache at once."""
+  return state.replace(active=state.active.at[slot].set(False))
+
+
+def generate_fused(model: Transformer, params, state: DecodeState, num_steps: int,
+                   top_n: int = 0):
+  """`num_steps` decode steps inside one `lax.scan`: the no-host-in-the-loop baseline.
+
+  Uses the very same decode_step, so streaming and fused generation must agree token for
+  token. Returns (state, packed [num_steps, S, 2+2n]).
+  """
+  def body(st, _):
+    return decode_step(model, params, st, top_n)
+  return jax.lax.scan(body, state, None, length=num_steps)

@@ -1,0 +1,112 @@
+"""Attention over "the cache as it was" plus "the keys of this call", and the cache write.
+
+Axis legend:
+  B  rows in this call (1 for a prefill chunk, S slots for a decode step)
+  T  query length of this call (the chunk length; 1 when decoding)
+  S  key length (T for the new keys, `block` for one cache block)
+  N  query heads, K kv heads, G = N // K query heads per kv head, H head dim
+
+Why split the keys in two: prefill and decode are the same computation. A call brings T new
+tokens at positions `start .. start+T-1` (padding marked invalid). They attend to each other
+densely (causal), and to the cache blocks filled before this call. The two partial softmaxes
+are merged with the usual running max / running sum ("online softmax"), so the result equals
+one softmax over all keys. Only after that are the new keys written into the cache.
+
+Which position sits at cache index i (ring of capacity C, last written position `last`):
+  kpos(i) = last - ((last - i) mod C)
+Worked example, C = 8, last = 10: index 2 holds 10, index 3 holds 3 (10 - 7), index 0 holds 8.
+A global layer (C >= every position) gives kpos(i) = i for i <= last, and a negative
+(invalid) position for i > last; an empty slot (last = -1) gives only negatives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model.cache import LayerCache
+
+_NEG = -1e30  # a finite "minus infinity": exp() underflows to 0 without producing NaNs
+
+
+def _mask(q_pos, k_pos, k_ok, window):
+  """[B, T, S] bool: key is valid, not in the future, and inside the sliding window."""
+  ok = k_ok[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+  if window is not None:
+    ok &= q_pos[:, :, None] - k_pos[:, None, :] < window
+  return ok
+
+
+def _scores(q, k, mask):
+  """q [B,T,K,G,H], k [B,S,K,H] -> masked scores [B,K,G,T,S] in float32."""
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(mask[:, None, None, :, :], s, _NEG)
+
+
+def _merge(state, s, v):
+  """Fold one more block of scores s [B,K,G,T,S] and values v [B,S,K,H] into the softmax."""
+  m, l, acc = state
+  m_new = jnp.maximum(m, s.max(axis=-1))
+  p = jnp.exp(s - m_new[..., None])
+  # Rows where every key so far is masked keep m = _NEG; p is then exp(0) = 1 for masked
+  # entries, so zero them explicitly.
+  p = jnp.where(s > _NEG / 2, p, 0.0)
+  correction = jnp.exp(m - m_new)
+  l = l * correction + p.sum(axis=-1)
+  pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  acc = acc * correction[..., None] + pv
+  return m_new, l, acc
+
+
+def attend(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, row0, filled):
+  """Attention output [B,T,N,H] for queries q [B,T,N,H] (already scaled and rotated).
+
+  k_new, v_new: [B,T,K,H] keys/values of this call at positions q_pos [B,T]; new_ok [B,T]
+  marks real (non-padding) tokens. cache rows row0 .. row0+B-1 hold `filled` [B] tokens
+  written before this call.
+  """
+  b, t, n, h = q.shape
+  kv = k_new.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  window = cache.window
+
+  # Part 1: the new keys, dense and causal.
+  s = _scores(qg, k_new, _mask(q_pos, q_pos, new_ok, window))
+  m0 = jnp.full(s.shape[:-1], _NEG, jnp.float32)
+  state = _merge((m0, jnp.zeros_like(m0), jnp.zeros(s.shape[:-1] + (h,), jnp.float32)), s, v_new)
+
+  # Part 2: the cache, one block per iteration, only as many blocks as are filled.
+  cap, blk = cache.capacity, cache.block
+  last = filled - 1
+  num_blocks = (jnp.minimum(jnp.max(filled), cap) + blk - 1) // blk
+
+  def body(carry):
+    i, st = carry
+    k_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(cache.k, row0, b, 0), i * blk, blk, 1)
+    v_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(cache.v, row0, b, 0), i * blk, blk, 1)
+    idx = i * blk + jnp.arange(blk)
+    k_pos = last[:, None] - jnp.mod(last[:, None] - idx[None, :], cap)
+    mask = _mask(q_pos, k_pos, k_pos >= 0, window)
+    return i + 1, _merge(st, _scores(qg, k_blk, mask), v_blk)
+
+  _, (m, l, acc) = lax.while_loop(lambda c: c[0] < num_blocks, body, (jnp.int32(0), state))
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B,K,G,T,H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def write(cache: LayerCache, k_new, v_new, q_pos, new_ok, row0) -> LayerCache:
+  """Write the valid new keys/values into rows row0.. at index pos % C.
+
+  When a chunk is longer than a ring, only its last C valid positions are kept; everything
+  else (padding, inactive slots, superseded ring entries) gets an out-of-range index and is
+  dropped by the scatter, so no two writes ever target the same index.
+  """
+  cap = cache.capacity
+  last_valid = jnp.max(jnp.where(new_ok, q_pos, -1), axis=1, keepdims=True)
+  keep = new_ok & (q_pos > last_valid - cap)
+  idx = jnp.where(keep, jnp.mod(q_pos, cap), cap)
+  rows = row0 + jnp.arange(k_new.shape[0])[:, None]
+  k = cache.k.at[rows, idx].set(k_new.astype(cache.k.dtype), mode="drop")
+  v = cache.v.at[rows, idx].set(v_new.astype(cache.v.dtype), mode="drop")
+  return cache.replace(k=k, v=v)

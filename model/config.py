@@ -1,0 +1,118 @@
+"""Model configuration: one frozen dataclass, presets as data, derived values as properties.
+
+The presets describe the Gemma 3 architecture family. `gemma3_270m` matches the published
+checkpoint exactly; `tiny` keeps every architectural feature (GQA, sliding window + global
+layers, QK-norm, pre/post norms) at a size that compiles and runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Dimensions and numerics of a Gemma 3 style decoder.
+
+  Attributes:
+    vocab_size: rows of the (tied) embedding table.
+    d_model: residual stream width (D).
+    num_layers: number of transformer blocks.
+    num_heads: query heads (N).
+    num_kv_heads: key/value heads (K); N must be a multiple of K (GQA/MQA).
+    head_dim: per-head width (H).
+    ffn_dim: hidden width of the GeGLU MLP (F).
+    sliding_window: keys a local layer may see, counting the query itself.
+    global_every: every `global_every`-th layer (1-based) attends globally.
+    rope_base_local / rope_base_global: RoPE wavelength base per layer kind.
+    max_context: longest sequence the model was trained for.
+    query_pre_attn_scalar: queries are scaled by its inverse square root.
+    rms_eps: epsilon inside RMSNorm.
+    param_dtype / dtype: storage dtype of weights and dtype of activations (names, so the
+      config stays hashable and serialisable to JSON).
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  sliding_window: int
+  global_every: int = 6
+  rope_base_local: float = 10_000.0
+  rope_base_global: float = 1_000_000.0
+  max_context: int = 32768
+  query_pre_attn_scalar: float = 256.0
+  rms_eps: float = 1e-6
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+
+  @property
+  def is_global(self) -> tuple[bool, ...]:
+    """Per layer: True for global attention, False for sliding-window attention."""
+    return tuple((i + 1) % self.global_every == 0 for i in range(self.num_layers))
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count (embedding counted once: it is tied to the output head)."""
+    d, h = self.d_model, self.head_dim
+    attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * h
+    mlp = 3 * d * self.ffn_dim
+    return self.vocab_size * d + self.num_layers * (attn + mlp + 4 * d) + d
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    return cls(**json.loads(text))
+
+
+# Presets. The 270M figure counts the 168M-parameter tied embedding.
+PRESETS: dict[str, ModelConfig] = {
+    # ~268M params: 262144 x 640 embedding (168M) + 18 blocks (100M).
+    "gemma3_270m": ModelConfig(
+        vocab_size=262144, d_model=640, num_layers=18, num_heads=4, num_kv_heads=1,
+        head_dim=256, ffn_dim=2048, sliding_window=512, global_every=6,
+        rope_base_local=10_000.0, rope_base_global=1_000_000.0, max_context=32768,
+        query_pre_attn_scalar=256.0),
+    # ~62K params: 2 local + 1 global layer, GQA 4:2, window 8 so tests cross it quickly.
+    "tiny": ModelConfig(
+        vocab_size=384, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=16, ffn_dim=128, sliding_window=8, global_every=3,
+        rope_base_local=10_000.0, rope_base_global=1_000_000.0, max_context=512,
+        query_pre_attn_scalar=16.0),
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,187 @@
+"""A Gemma 3 style decoder in Flax (Linen), with the KV cache passed in and returned.
+
+Axis legend:
+  B batch rows, T tokens in this call, D model width, N query heads, K kv heads,
+  H head dim, F MLP width, V vocabulary.
+
+Block (pre- and post-norm around both sublayers, as Gemma 3):
+  x = x + post_attn_norm(attn(pre_attn_norm(x)))
+  x = x + post_ffw_norm(mlp(pre_ffw_norm(x)))
+
+Every parameter carries logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp,
+norm) so one rules table can shard the model (see the sharding config).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from model import attention
+from model.cache import KVCache, LayerCache
+from model.config import ModelConfig
+
+
+def _param(module, name, shape, axes, init, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a (1 + scale) gain, computed in float32 like the reference."""
+  eps: float
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.zeros, self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x, positions, base: float):
+  """Rotary embedding, half-split layout: x [B,T,*,H], positions [B,T]."""
+  h = x.shape[-1]
+  freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+  angle = positions[..., None].astype(jnp.float32) * freq  # [B,T,H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  is_global: bool
+
+  @nn.compact
+  def __call__(self, x, positions, valid, cache: LayerCache, row0, filled):
+    c = self.config
+    init, pd = nn.initializers.normal(0.02), c.jnp_param_dtype
+    wq = _param(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init, pd)
+    wk = _param(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, pd)
+    wv = _param(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, pd)
+    wo = _param(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), init, pd)
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    q = RMSNorm(c.rms_eps, pd, name="q_norm")(q)
+    k = RMSNorm(c.rms_eps, pd, name="k_norm")(k)
+    base = c.rope_base_global if self.is_global else c.rope_base_local
+    q = rope(q, positions, base) * jnp.asarray(c.query_pre_attn_scalar ** -0.5, dt)
+    k = rope(k, positions, base)
+    out = attention.attend(q, k, v, positions, valid, cache, row0, filled)
+    cache = attention.write(cache, k, v, positions, valid, row0)
+    return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), cache
+
+
+class MLP(nn.Module):
+  """GeGLU: down(gelu_tanh(x @ gate) * (x @ up))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    init, pd, dt = nn.initializers.normal(0.02), c.jnp_param_dtype, x.dtype
+    gate = _param(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), init, pd)
+    up = _param(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), init, pd)
+    down = _param(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), init, pd)
+    h = nn.gelu(x @ gate.astype(dt), approximate=True) * (x @ up.astype(dt))
+    return h @ down.astype(dt)
+
+
+class Block(nn.Module):
+  config: ModelConfig
+  is_global: bool
+
+  @nn.compact
+  def __call__(self, x, positions, valid, cache, row0, filled):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_eps, c.jnp_param_dtype, name=name)
+    a, cache = Attention(c, self.is_global, name="attn")(
+        norm("pre_attn_norm")(x), positions, valid, cache, row0, filled)
+    x = x + norm("post_attn_norm")(a)
+    x = x + norm("post_ffw_norm")(MLP(c, name="mlp")(norm("pre_ffw_norm")(x)))
+    return x, cache
+
+
+class Embedder(nn.Module):
+  """Token embedding, scaled by sqrt(D) on the way in, and tied to the output head."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embedding = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"),
+                            nn.initializers.normal(c.d_model ** -0.5), c.jnp_param_dtype)
+
+  def encode(self, tokens):
+    c = self.config
+    x = jnp.take(self.embedding, tokens, axis=0).astype(c.jnp_dtype)
+    return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
+
+  def decode(self, h):
+    """Logits [..., V] in float32."""
+    return jnp.einsum("...D,VD->...V", h, self.embedding.astype(h.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Transformer(nn.Module):
+  """`__call__` returns final hidden states and the updated cache; `logits` maps hidden states
+  to vocabulary logits. They are separate so prefill can project only the positions it needs.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embedder = Embedder(c)
+    self.blocks = [Block(c, g, name=f"layer_{i}") for i, g in enumerate(c.is_global)]
+    self.final_norm = RMSNorm(c.rms_eps, c.jnp_param_dtype)
+
+  def __call__(self, tokens, positions, valid, cache: KVCache, row0):
+    """tokens/positions/valid: [B,T]. Rows row0..row0+B-1 of the cache are read and written.
+
+    Writes valid tokens into the cache and advances those rows' lengths by their count.
+    """
+    filled = jax.lax.dynamic_slice_in_dim(cache.lengths, row0, tokens.shape[0])
+    x = self.embedder.encode(tokens)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache.layers):
+      x, layer_cache = block(x, positions, valid, layer_cache, row0, filled)
+      layers.append(layer_cache)
+    new_len = filled + valid.sum(axis=1).astype(jnp.int32)
+    lengths = jax.lax.dynamic_update_slice_in_dim(cache.lengths, new_len, row0, 0)
+    return self.final_norm(x), cache.replace(layers=tuple(layers), lengths=lengths)
+
+  def logits(self, h):
+    return self.embedder.decode(h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, rng) -> dict:
+  """Random parameters (unboxed), e.g. for the tiny test config."""
+  from model.cache import init_cache
+  model = Transformer(config)
+  cache = init_cache(config, 1, 8)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = model.init(rng, tokens, tokens, tokens > -1, cache, 0)
+  params = nn.meta.unbox(variables["params"])
+  # Norm scales init to 0 (gain 1); randomise them a little so tests exercise them.
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
+  leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+            if jax.tree_util.keystr(path).endswith("['scale']") else x
+            for (path, x), k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def logical_axes(config: ModelConfig) -> dict:
+  """Pytree of logical axis-name tuples matching the params (for sharding rules)."""
+  from model.cache import init_cache
+  model = Transformer(config)
+  cache = init_cache(config, 1, 8)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens > -1, cache, 0))
+  return nn.get_partition_spec(abstract)["params"]

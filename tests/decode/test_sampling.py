@@ -1,0 +1,113 @@
+"""Sampling contracts: greedy is argmax, filters keep exactly the right sets, seeds reproduce."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode import sampling
+from decode.sampling import make_params, stack
+
+V = 1000
+
+
+def _logits(rows, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randn(rows, V).astype(np.float32) * 3)
+
+
+def _params(rows, **kw):
+  return stack([make_params(**kw)] * rows)
+
+
+_sample = jax.jit(sampling.sample)
+
+
+def _draws(logits, params, n=64):
+  """n draws per row with different steps, so different random keys."""
+  return np.stack([np.asarray(_sample(logits, params, jnp.full((logits.shape[0],), i, jnp.int32)))
+                   for i in range(n)])
+
+
+def test_temperature_zero_is_argmax():
+  logits = _logits(4)
+  got = _draws(logits, _params(4, temperature=0.0, top_k=3, top_p=0.5), n=3)
+  assert (got == np.asarray(jnp.argmax(logits, -1))).all()
+
+
+def test_top_k_never_leaves_the_top_k():
+  logits = _logits(3)
+  draws = _draws(logits, _params(3, temperature=5.0, top_k=7), n=200)
+  for row in range(3):
+    allowed = set(np.argsort(-np.asarray(logits[row]))[:7])
+    assert set(draws[:, row]) <= allowed
+    assert len(set(draws[:, row])) > 3  # high temperature spreads over the allowed set
+
+
+def test_top_k_one_equals_greedy():
+  logits = _logits(5)
+  draws = _draws(logits, _params(5, temperature=1.0, top_k=1), n=5)
+  assert (draws == np.asarray(jnp.argmax(logits, -1))).all()
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.75, 0.95])
+def test_top_p_keeps_smallest_set_reaching_p(top_p):
+  logits = _logits(2, seed=1)
+  params = _params(2, temperature=1.0, top_p=top_p)
+  kept = np.isfinite(np.asarray(jax.jit(sampling.top_p)(logits, params)))
+  for row in range(2):
+    p = np.asarray(jax.nn.softmax(logits[row]))
+    order = np.argsort(-p)
+    need = np.searchsorted(np.cumsum(p[order]), top_p) + 1  # smallest prefix with mass >= p
+    assert set(np.flatnonzero(kept[row])) == set(order[:need])
+
+
+def test_min_p_keeps_tokens_above_fraction_of_max():
+  logits = _logits(2, seed=2)
+  params = _params(2, temperature=1.0, min_p=0.1)
+  kept = np.isfinite(np.asarray(jax.jit(sampling.min_p)(logits, params)))
+  p = np.asarray(jax.nn.softmax(logits, -1))
+  np.testing.assert_array_equal(kept, p >= 0.1 * p.max(-1, keepdims=True))
+
+
+def test_filters_share_one_signature_and_off_is_identity():
+  logits = _logits(2)
+  off = _params(2, temperature=1.0)
+  for f in sampling.FILTERS + (sampling.logit_bias,):
+    np.testing.assert_array_equal(np.asarray(f(logits, off)), np.asarray(logits))
+
+
+def test_logit_bias_bans_and_forces():
+  logits = _logits(2)
+  top = int(jnp.argmax(logits[0]))
+  banned = _params(2, logit_bias={top: -np.inf})
+  assert int(_sample(logits, banned, jnp.zeros(2, jnp.int32))[0]) != top
+  forced = _params(2, temperature=1.0, logit_bias={5: 1e4})
+  assert (_draws(logits, forced, n=10) == 5).all()
+
+
+def test_mixed_settings_per_row():
+  logits = _logits(3)
+  params = stack([make_params(), make_params(temperature=1.0, top_k=2, seed=1),
+                  make_params(temperature=1.0, min_p=0.5, seed=2)])
+  draws = _draws(logits, params, n=50)
+  assert (draws[:, 0] == int(jnp.argmax(logits[0]))).all()
+  assert set(draws[:, 1]) <= set(np.argsort(-np.asarray(logits[1]))[:2])
+
+
+def test_seed_reproduces_whatever_the_row_and_batch():
+  logits1 = _logits(1, seed=3)
+  alone = _draws(logits1, _params(1, temperature=1.0, seed=42), n=20)[:, 0]
+  # The same logits in row 2 of a batch with other requests, other seeds and settings.
+  batch = jnp.concatenate([_logits(2, seed=9), logits1], axis=0)
+  params = stack([make_params(temperature=0.7, seed=1), make_params(temperature=1.0, top_k=3, seed=2),
+                  make_params(temperature=1.0, seed=42)])
+  np.testing.assert_array_equal(_draws(batch, params, n=20)[:, 2], alone)
+  other_seed = _draws(logits1, _params(1, temperature=1.0, seed=43), n=20)[:, 0]
+  assert (other_seed != alone).any()
+
+
+def test_bad_values_are_rejected_with_the_number():
+  for kw, msg in [({"temperature": -1}, "-1"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "-2"),
+                  ({"min_p": 1.0}, "min_p")]:
+    with pytest.raises(ValueError, match=msg):
+      make_params(**kw)
