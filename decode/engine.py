@@ -56,7 +56,8 @@ class EngineConfig:
 class Event:
   """One generated token. `text` is the printable delta (may be empty while bytes of a
   character or a possible stop string are held back). The last event of a stream has a
-  `finish_reason`: "stop" (EOS or stop string), "length" or "cancelled"."""
+  `finish_reason`: "stop" (EOS or stop string), "length", "cancelled", or "error" (the
+  model produced non-finite logits; `Stream.error` says so, and no token is emitted)."""
   token_id: int
   text: str
   logprob: float
@@ -113,6 +114,7 @@ class Stream:
     self.num_tokens = 0
     self.submitted = time.perf_counter()
     self.first_token_time: float | None = None
+    self.error: str | None = None
 
   @property
   def done(self) -> bool:
@@ -145,6 +147,12 @@ class Stream:
     """Release buffered bytes and held-back text, still never emitting a stop string."""
     text, stopped = self._stops.feed(self._detok.flush())
     return text if stopped else text + self._stops.flush()
+
+  def _fail(self, message: str):
+    """End the stream with finish_reason "error"; nothing of the bad step is emitted."""
+    self.finish_reason, self.error = "error", message
+    now = time.perf_counter() - self.submitted
+    self._push(Event(-1, "", 0.0, self.num_tokens, now, "error"))
 
   def cancel(self):
     """Stop generating now and free the slot; an iterating consumer sees "cancelled"."""
@@ -298,9 +306,12 @@ class Engine:
   def _deliver(self, stream: Stream, row: np.ndarray):
     if stream.done:
       return
-    n = self.engine_config.top_logprobs
-    top = tuple(zip(row[2:2 + n].astype(int).tolist(), row[2 + n:2 + 2 * n].tolist()))
-    stream._on_token(int(row[0]), float(row[1]), top)
+    if row[2] != 1.0:
+      stream._fail("the model produced NaN or infinite logits")
+    else:
+      n = self.engine_config.top_logprobs
+      top = tuple(zip(row[3:3 + n].astype(int).tolist(), row[3 + n:3 + 2 * n].tolist()))
+      stream._on_token(int(row[0]), float(row[1]), top)
     if stream.done and self._slots.get(stream.slot) is stream:
       self._free_slot(stream.slot)
 
@@ -309,11 +320,18 @@ class Engine:
     while self.step():
       pass
 
-  def warmup(self):
-    """Compile every prefill bucket (both chunk kinds) and the decode step."""
+  def warmup(self, prompt_lengths: Sequence[int] | None = None):
+    """Compile the decode step and the prefill programs, so no request compiles later.
+
+    By default every bucket; with `prompt_lengths`, only the programs those prompts use.
+    """
     ec = self.engine_config
     # Chunks before the last are always full largest-bucket chunks: one extra program.
     variants = [(b, True) for b in ec.prefill_buckets] + [(ec.prefill_buckets[-1], False)]
+    if prompt_lengths is not None:
+      big = ec.prefill_buckets[-1]
+      variants = {(ec.bucket(n - big * ((n - 1) // big)), True) for n in prompt_lengths}
+      variants |= {(big, False) for n in prompt_lengths if n > big}
     for bucket, last in variants:
       self.state, out = self._prefill(
           self.model, self.params, self.state, np.zeros((bucket,), np.int32), np.int32(1),

@@ -7,7 +7,9 @@ caller jits them with the model static and the state donated, e.g.
 
 Output rows are packed into one float32 array so the host makes one device-to-host copy per
 step for all slots:
-  [token_id, logprob, top_ids[0..n), top_logprobs[0..n)]      (width 2 + 2n)
+  [token_id, logprob, finite, top_ids[0..n), top_logprobs[0..n)]      (width 3 + 2n)
+`finite` is 1.0 when every logit of the row was finite; a NaN/inf row means the token is
+garbage, and the host ends that request with an error instead of streaming it.
 Token ids below 2**24 are exact in float32 (Gemma's vocabulary is 2**18).
 `logprob` is the model's log-probability of the chosen token (before bias, temperature and
 filters), the figure logprob APIs report.
@@ -50,12 +52,17 @@ def init_state(cache: KVCache, max_bias: int = 16) -> DecodeState:
       num_generated=jnp.zeros((s,), jnp.int32), sampling=sampling.stack([row] * s))
 
 
+def packed_width(top_n: int) -> int:
+  return 3 + 2 * top_n
+
+
 def pack(logits, params: SamplingParams, step, top_n: int):
-  """Sample from float32 logits [B,V] and pack [B, 2+2n] for the host."""
+  """Sample from float32 logits [B,V] and pack [B, PACKED_WIDTH(n)] for the host."""
   tokens = sampling.sample(logits, params, step)
   logprobs = jax.nn.log_softmax(logits, axis=-1)
   chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)
-  cols = [tokens[:, None].astype(jnp.float32), chosen]
+  finite = jnp.isfinite(logits).all(axis=1, keepdims=True).astype(jnp.float32)
+  cols = [tokens[:, None].astype(jnp.float32), chosen, finite]
   if top_n:
     top_lp, top_ids = jax.lax.top_k(logprobs, top_n)
     cols += [top_ids.astype(jnp.float32), top_lp]
@@ -70,7 +77,7 @@ def prefill(model: Transformer, params, state: DecodeState, tokens, n_real, star
   Intermediate chunks (last_chunk=False, static) stop after the cache write: no logits.
   The last chunk projects only the hidden state of the last real token onto the vocabulary,
   samples the first new token there, and arms the slot for decode_step.
-  Returns (state, packed [2+2n]) — packed is zeros for intermediate chunks.
+  Returns (state, packed row) — zeros for intermediate chunks.
   """
   t = tokens.shape[0]
   cache = state.cache
@@ -81,7 +88,7 @@ def prefill(model: Transformer, params, state: DecodeState, tokens, n_real, star
   h, cache = model.apply({"params": params}, tokens[None], positions, valid, cache, slot)
   state = state.replace(cache=cache)
   if not last_chunk:
-    return state, jnp.zeros((2 + 2 * top_n,), jnp.float32)
+    return state, jnp.zeros((packed_width(top_n),), jnp.float32)
   h_last = jax.lax.dynamic_index_in_dim(h[0], n_real - 1, 0, keepdims=True)  # [1, D]
   logits = model.apply({"params": params}, h_last, method=Transformer.logits)
   req = jax.tree.map(lambda x: x[None], request)
@@ -95,7 +102,7 @@ def prefill(model: Transformer, params, state: DecodeState, tokens, n_real, star
 
 
 def decode_step(model: Transformer, params, state: DecodeState, top_n: int = 0):
-  """Advance every active slot by one token. Returns (state, packed [S, 2+2n])."""
+  """Advance every active slot by one token. Returns (state, packed [S, width])."""
   cache = state.cache
   positions = cache.lengths[:, None]
   h, cache = model.apply({"params": params}, state.tokens[:, None], positions,
