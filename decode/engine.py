@@ -255,6 +255,8 @@ class Engine:
     with self._lock:
       if stream in self._waiting:
         self._waiting.remove(stream)
+      if self._prefilling and self._prefilling[0] is stream:
+        self._prefilling = None
       if stream.slot is not None and self._slots.get(stream.slot) is stream:
         self._free_slot(stream.slot)
 
@@ -264,36 +266,61 @@ class Engine:
     self.state = self._release(self.state, np.int32(slot))
 
   # ---- the loop -------------------------------------------------------------------------
-  def _admit(self, stream: Stream):
-    """Prefill a waiting request into a free slot; returns the packed first token (on device)."""
-    ec, ids = self.engine_config, list(stream.request.prompt_ids)
-    slot = self._free.pop(0)
-    stream.slot, self._slots[slot] = slot, stream
-    start, packed = 0, None
-    while start < len(ids):
+  # The stream whose prompt is part-way through prefill, and where its next chunk starts.
+  # A class default, so a new engine has none.
+  _prefilling: tuple[Stream, int] | None = None
+
+  def _prefill_chunks(self) -> list:
+    """Run prefill chunks worth at most one largest bucket of tokens (at least one chunk).
+
+    Capping prefill per step interleaves it with decode: a 2000-token prompt costs the
+    running streams four short pauses of one 512-token chunk each instead of one long one,
+    while a burst of short prompts is still admitted several per step. Chunks are never
+    split to fit the budget: every chunk before a prompt's last is a full largest bucket,
+    so no new program is compiled. Returns [(stream, packed first token on device)] for the
+    prompts that finished prefill.
+    """
+    ec = self.engine_config
+    budget, finished = ec.prefill_buckets[-1], []
+    while True:
+      if self._prefilling is None:
+        if not (self._waiting and self._free):
+          break
+        stream = self._waiting.popleft()
+        slot = self._free.pop(0)
+        stream.slot, self._slots[slot] = slot, stream
+        self._prefilling = (stream, 0)
+      stream, start = self._prefilling
+      ids = stream.request.prompt_ids
       n = min(len(ids) - start, ec.prefill_buckets[-1])
+      if ec.bucket(n) > budget and budget < ec.prefill_buckets[-1]:
+        break  # does not fit what is left of this step's budget: first thing next step
+      budget -= ec.bucket(n)
       chunk = np.zeros((ec.bucket(n),), np.int32)
       chunk[:n] = ids[start:start + n]
       last = start + n == len(ids)
       self.state, packed = self._prefill(
           self.model, self.params, self.state, chunk, np.int32(n), np.int32(start),
-          np.int32(slot), stream.request.sampling, ec.top_logprobs, last_chunk=last)
-      start += n
-    return packed
+          np.int32(stream.slot), stream.request.sampling, ec.top_logprobs, last_chunk=last)
+      self._prefilling = None if last else (stream, start + n)
+      if last:
+        finished.append((stream, packed))
+      if budget <= 0:
+        break
+    return finished
 
   def step(self) -> bool:
     """One engine iteration. Returns False when there was nothing to do."""
     with self._lock:
-      admitted = []
-      while self._waiting and self._free:
-        stream = self._waiting.popleft()
-        admitted.append((stream, self._admit(stream)))
+      admitted = self._prefill_chunks()
       previous = self._inflight
       self._inflight = None
-      if self._slots:  # dispatch step t+1 before reading step t
+      prefilling = self._prefilling and self._prefilling[0]
+      decoding = [(slot, s) for slot, s in self._slots.items() if s is not prefilling]
+      if decoding:  # dispatch step t+1 before reading step t
         self.state, packed = self._decode(self.model, self.params, self.state,
                                           self.engine_config.top_logprobs)
-        self._inflight = (packed, list(self._slots.items()))
+        self._inflight = (packed, decoding)
         self.steps_run += 1
       if previous is not None:
         rows = np.asarray(previous[0])  # the one device->host copy of this step
@@ -301,7 +328,7 @@ class Engine:
           self._deliver(stream, rows[slot])
       for stream, packed in admitted:
         self._deliver(stream, np.asarray(packed))
-      return bool(admitted or previous or self._inflight)
+      return bool(admitted or previous or self._inflight or self._prefilling)
 
   def _deliver(self, stream: Stream, row: np.ndarray):
     if stream.done:

@@ -106,7 +106,7 @@ def decode_step(model: Transformer, params, state: DecodeState, top_n: int = 0):
   cache = state.cache
   positions = cache.lengths[:, None]
   h, cache = model.apply({"params": params}, state.tokens[:, None], positions,
-                         state.active[:, None], cache, 0)
+                         state.active[:, None], cache, 0, decode=True)
   logits = model.apply({"params": params}, h[:, 0], method=Transformer.logits)
   tokens, packed = pack(logits, state.sampling, state.num_generated, top_n)
   state = state.replace(

@@ -1,4 +1,4 @@
-"""Attention over "the cache as it was" plus "the keys of this call", and the cache write.
+"""Attention over the blockwise-read KV cache, for prefill chunks and decode steps.
 
 Axis legend:
   B  rows in this call (1 for a prefill chunk, S slots for a decode step)
@@ -6,11 +6,11 @@ Axis legend:
   S  key length (T for the new keys, `block` for one cache block)
   N  query heads, K kv heads, G = N // K query heads per kv head, H head dim
 
-Why split the keys in two: prefill and decode are the same computation. A call brings T new
-tokens at positions `start .. start+T-1` (padding marked invalid). They attend to each other
-densely (causal), and to the cache blocks filled before this call. The two partial softmaxes
-are merged with the usual running max / running sum ("online softmax"), so the result equals
-one softmax over all keys. Only after that are the new keys written into the cache.
+Prefill: a call brings T new tokens at positions `start .. start+T-1` (padding marked
+invalid). They attend to each other densely (causal), and to the cache blocks filled before
+this call. The partial softmaxes are merged with the usual running max / running sum
+("online softmax"), so the result equals one softmax over all keys. Then the chunk is
+written. Decode: the one new token per row is written first, then read back with the rest.
 
 Which position sits at cache index i (ring of capacity C, last written position `last`):
   kpos(i) = last - ((last - i) mod C)
@@ -59,40 +59,81 @@ def _merge(state, s, v):
   return m_new, l, acc
 
 
-def attend(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, row0, filled):
-  """Attention output [B,T,N,H] for queries q [B,T,N,H] (already scaled and rotated).
+def _softmax_state(shape, h):
+  m = jnp.full(shape, _NEG, jnp.float32)
+  return m, jnp.zeros_like(m), jnp.zeros(shape + (h,), jnp.float32)
 
-  k_new, v_new: [B,T,K,H] keys/values of this call at positions q_pos [B,T]; new_ok [B,T]
-  marks real (non-padding) tokens. cache rows row0 .. row0+B-1 hold `filled` [B] tokens
-  written before this call.
+
+def _attend_cache(qg, q_pos, k_src, v_src, row0, last, window, cap, blk, state):
+  """Fold the cache blocks holding positions <= last [B] into the softmax state.
+
+  k_src/v_src are either the whole layer cache (rows row0..row0+B-1 are read) or just those
+  rows. The trip count is computed on device from the filled length: unfilled blocks are
+  never read.
   """
-  b, t, n, h = q.shape
-  kv = k_new.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  window = cache.window
-
-  # Part 1: the new keys, dense and causal.
-  s = _scores(qg, k_new, _mask(q_pos, q_pos, new_ok, window))
-  m0 = jnp.full(s.shape[:-1], _NEG, jnp.float32)
-  state = _merge((m0, jnp.zeros_like(m0), jnp.zeros(s.shape[:-1] + (h,), jnp.float32)), s, v_new)
-
-  # Part 2: the cache, one block per iteration, only as many blocks as are filled.
-  cap, blk = cache.capacity, cache.block
-  last = filled - 1
-  num_blocks = (jnp.minimum(jnp.max(filled), cap) + blk - 1) // blk
+  b = qg.shape[0]
+  num_blocks = (jnp.minimum(jnp.max(last) + 1, cap) + blk - 1) // blk
 
   def body(carry):
     i, st = carry
-    k_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(cache.k, row0, b, 0), i * blk, blk, 1)
-    v_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(cache.v, row0, b, 0), i * blk, blk, 1)
+    k_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(k_src, row0, b, 0), i * blk, blk, 1)
+    v_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(v_src, row0, b, 0), i * blk, blk, 1)
     idx = i * blk + jnp.arange(blk)
     k_pos = last[:, None] - jnp.mod(last[:, None] - idx[None, :], cap)
     mask = _mask(q_pos, k_pos, k_pos >= 0, window)
     return i + 1, _merge(st, _scores(qg, k_blk, mask), v_blk)
 
-  _, (m, l, acc) = lax.while_loop(lambda c: c[0] < num_blocks, body, (jnp.int32(0), state))
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B,K,G,T,H]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  return lax.while_loop(lambda c: c[0] < num_blocks, body, (jnp.int32(0), state))[1]
+
+
+def _finish(state, q):
+  """Normalised output [B,K,G,T,H]; the caller contracts it with the output projection."""
+  _, l, acc = state
+  return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
+
+
+def attend_prefill(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, row0, filled):
+  """Prefill a chunk: returns (attention output [B,T,N,H], cache with the chunk written).
+
+  q [B,T,N,H] is scaled and rotated; k_new, v_new [B,T,K,H] are the chunk's keys/values at
+  positions q_pos [B,T]; new_ok marks real (non-padding) tokens; rows row0.. of the cache
+  hold `filled` [B] tokens written before this chunk.
+
+  Reads happen before the write, because a chunk longer than a ring would overwrite keys
+  its own first queries still need. The old keys are read from a copy of just this call's
+  rows: reading the shared buffer itself would make XLA copy the whole buffer to protect it
+  from the write that follows.
+  """
+  b, t, n, h = q.shape
+  kv = k_new.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  s = _scores(qg, k_new, _mask(q_pos, q_pos, new_ok, cache.window))
+  state = _merge(_softmax_state(s.shape[:-1], h), s, v_new)
+  # The barrier makes the row copy real; otherwise XLA folds the slice into the loop's reads
+  # and then protects the whole shared buffer from the write with full copies.
+  rows_k, rows_v = lax.optimization_barrier((lax.dynamic_slice_in_dim(cache.k, row0, b, 0),
+                                             lax.dynamic_slice_in_dim(cache.v, row0, b, 0)))
+  state = _attend_cache(qg, q_pos, rows_k, rows_v, 0, filled - 1, cache.window,
+                        cache.capacity, cache.block, state)
+  return _finish(state, q), write(cache, k_new, v_new, q_pos, new_ok, row0)
+
+
+def attend_decode(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, filled):
+  """One token per row for every row of the cache: (output [B,1,N,H], updated cache).
+
+  The new key is written first and then read back with all the others. With one token
+  per row that is safe (position p overwrites p - C, outside every window), and it lets
+  XLA update the cache in place: reading a buffer that is written afterwards forces a
+  copy of it (measured on Gemma 3 270M: ~54 MB of copies and page faults per step).
+  """
+  b, t, n, h = q.shape
+  kv = k_new.shape[2]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  cache = write(cache, k_new, v_new, q_pos, new_ok, 0)
+  last = filled - 1 + new_ok[:, 0].astype(filled.dtype)
+  state = _attend_cache(qg, q_pos, cache.k, cache.v, 0, last, cache.window, cache.capacity,
+                        cache.block, _softmax_state((b, kv, n // kv, t), h))
+  return _finish(state, q), cache
 
 
 def write(cache: LayerCache, k_new, v_new, q_pos, new_ok, row0) -> LayerCache:

@@ -23,7 +23,8 @@ def _forward(model, params, cache, tokens, start, n_real, row):
 
 @jax.jit(static_argnums=0)
 def _decode(model, params, cache, tokens, active):
-  h, cache = model.apply({"params": params}, tokens, cache.lengths[:, None], active, cache, 0)
+  h, cache = model.apply({"params": params}, tokens, cache.lengths[:, None], active, cache, 0,
+                         decode=True)
   return model.apply({"params": params}, h[:, 0], method=Transformer.logits), cache
 
 
