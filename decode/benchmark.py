@@ -1,0 +1,269 @@
+"""Measure flaxstream on this machine, in one run, against rooflines measured in the same run.
+
+  python -m decode.benchmark --config=configs/gemma3_270m.py --out=bench.json
+  python -m decode.benchmark --config=configs/tiny.py --smoke     # seconds; used by the tests
+
+What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less so):
+  * memory roofline: read bandwidth of a large numpy reduction; bytes a decode step must
+    read = weights + KV in use; roofline TPOT = bytes / bandwidth.
+  * compute roofline: FLOP/s of a large jnp matmul; per-token compute roofline for batched
+    throughput = FLOP/s / (2 * params).
+  * TTFT for 128/512/2048-token prompts; TPOT median and p90 over the new tokens, batch 1.
+  * streaming overhead: generator tokens/s over fused `lax.scan` tokens/s, same tokens.
+  * throughput with 1/4/16/32 concurrent slots (one engine per slot count).
+  * long context: TPOT at context 256 vs 8192 with the same max_len. The slot's cache is
+    filled by one real prefill of a repeated prompt.
+  * compile time per function, compiles after warm-up (counted), peak RSS.
+
+The top level of the JSON holds the ratios other tools read: tpot_over_roofline,
+stream_over_fused, throughput16_over_compute_roofline, tpot_ctx8192_over_ctx256,
+compiles_after_warmup.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gemma3_270m.py", "Run config file.")
+_OUT = flags.DEFINE_string("out", None, "Write the JSON result here.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A few steps of everything (tests); figures are meaningless.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens per latency run.")
+_SLOTS = flags.DEFINE_list("slots", ["1", "4", "16", "32"], "Slot counts for throughput.")
+_PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
+  """Bytes/s of a streaming read (numpy sum over a buffer much larger than the caches)."""
+  a = np.ones(nbytes // 4, np.float32)
+  a.sum()
+  return nbytes / _median_time(a.sum, repeats)
+
+
+def matmul_flops(n: int, repeats: int = 5) -> float:
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  return 2 * n ** 3 / _median_time(lambda: f(x).block_until_ready(), repeats)
+
+
+def _engine(config, num_slots, max_len=None):
+  from decode.engine import Engine, EngineConfig
+  ec = dict(config.engine)
+  ec.update(num_slots=num_slots, prefill_buckets=tuple(ec["prefill_buckets"]))
+  if max_len:
+    ec["max_len"] = max_len
+  return EngineConfig(**ec)
+
+
+def _prompt(tok, n, seed=0):
+  """n ids of ordinary text-like tokens (BOS first)."""
+  rng = np.random.RandomState(seed)
+  words = tok.encode("the quick brown fox jumps over the lazy dog and streams tokens " * 8)
+  return tuple([tok.bos_id] + [int(words[i]) for i in rng.randint(0, len(words), n - 1)])
+
+
+def latency(engine, tok, new_tokens, prompt_lens, repeats):
+  from decode.engine import Request
+  out = {}
+  for n in prompt_lens:
+    ttfts = []
+    for r in range(repeats):
+      s = engine.submit(Request(_prompt(tok, n, r), 1, stop_ids=()))
+      list(s)
+      ttfts.append(s.first_token_time)
+    out[f"ttft_{n}_s"] = float(np.median(ttfts))
+  s = engine.submit(Request(_prompt(tok, 128), new_tokens, stop_ids=()))
+  times = [e.time for e in s]
+  gaps = np.diff(times)
+  out["tpot_median_s"] = float(np.median(gaps))
+  out["tpot_p90_s"] = float(np.percentile(gaps, 90))
+  return out
+
+
+def _prefill_slot0(engine, ids):
+  """Prefill `ids` (one chunk) into slot 0 with the engine's compiled prefill; first token."""
+  from decode import sampling
+  ec = engine.engine_config
+  chunk = np.zeros((ec.bucket(len(ids)),), np.int32)
+  chunk[:len(ids)] = ids
+  engine.state, packed = engine._prefill(
+      engine.model, engine.params, engine.state, chunk, np.int32(len(ids)), np.int32(0),
+      np.int32(0), sampling.make_params(max_bias=ec.max_bias), ec.top_logprobs, last_chunk=True)
+  return int(np.asarray(packed)[0])
+
+
+def stream_vs_fused(engine, tok, new_tokens):
+  """Generator tokens/s and fused-scan tokens/s, for the same greedy tokens (batch 1)."""
+  import jax
+  from decode import steps
+  from decode.engine import Request
+  ids = _prompt(tok, 128)
+  fused = jax.jit(steps.generate_fused, static_argnums=(0, 3, 4), donate_argnums=2)
+  rates, fused_rates, same = [], [], True
+  for attempt in range(2):  # the first round also compiles the fused program
+    events = list(engine.submit(Request(ids, new_tokens + 1, stop_ids=())))
+    rates.append((len(events) - 1) / (events[-1].time - events[0].time))
+    first = _prefill_slot0(engine, ids)
+    t = time.perf_counter()
+    engine.state, outs = fused(engine.model, engine.params, engine.state, new_tokens,
+                               engine.engine_config.top_logprobs)
+    outs = np.asarray(outs)
+    fused_rates.append(new_tokens / (time.perf_counter() - t))
+    engine.state = engine._release(engine.state, np.int32(0))
+    same &= [e.token_id for e in events] == [first] + outs[:, 0, 0].astype(int).tolist()
+  return {"stream_tokens_per_s": rates[-1], "fused_tokens_per_s": fused_rates[-1],
+          "stream_equals_fused": bool(same)}
+
+
+def throughput(config, model_config, params, tok, slots, new_tokens):
+  """Aggregate decode tokens/s with `slots` concurrent greedy requests."""
+  from decode.engine import Engine, Request
+  engine = Engine(model_config, params, tok, _engine(config, slots))
+  engine.warmup(prompt_lengths=[64])
+  streams = [engine.submit(Request(_prompt(tok, 64, i), new_tokens, stop_ids=())) for i in range(slots)]
+  engine.step()  # admit everyone (prefill) before the clock starts
+  t = time.perf_counter()
+  engine.run_until_done()
+  elapsed = time.perf_counter() - t
+  tokens = sum(s.num_tokens - 1 for s in streams)
+  return tokens / elapsed
+
+
+def long_context(config, model_config, params, tok, contexts, max_len, steps_per_ctx):
+  """TPOT at each filled context length, same engine (same max_len, same compiled step)."""
+  from decode.engine import Engine, Request
+  engine = Engine(model_config, params, tok, _engine(config, 1, max_len))
+  out = {}
+  for ctx in contexts:
+    s = engine.submit(Request(_prompt(tok, ctx), steps_per_ctx + 1, stop_ids=()))
+    times = [e.time for e in s]
+    out[ctx] = float(np.median(np.diff(times)))
+  return out
+
+
+def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
+  import jax
+  from decode.compiles import compile_count
+  from decode.engine import Engine
+  from model.cache import cache_bytes_read, init_cache
+  from model.loading import load_model
+
+  result = {"config": config.to_dict(), "smoke": smoke, "backend": jax.default_backend(),
+            "devices": len(jax.devices())}
+  result["memory_bandwidth_GBps"] = memory_bandwidth(2**27 if smoke else 2**30) / 1e9
+  result["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
+
+  model_config, params, tok = load_model(config.model, config.checkpoint or None,
+                                         param_dtype=config.param_dtype, dtype=config.dtype,
+                                         progress=False)
+  params = jax.device_put(params)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  ec = _engine(config, 1)
+  cache = jax.eval_shape(lambda: init_cache(model_config, 1, ec.max_len, None, ec.cache_block))
+  ctx = 128 + new_tokens // 2  # mean context of the TPOT run
+  step_bytes = weight_bytes + cache_bytes_read(cache, ctx)
+  result.update(weight_bytes=weight_bytes, step_bytes=step_bytes,
+                roofline_tpot_s=step_bytes / (result["memory_bandwidth_GBps"] * 1e9),
+                num_params=model_config.num_params)
+
+  engine = Engine(model_config, params, tok, ec)
+  compile_times = {}
+  before = compile_count()
+  t = time.perf_counter()
+  engine.warmup()
+  compile_times["warmup_all_buckets_s"] = time.perf_counter() - t
+  result["compiles_in_warmup"] = compile_count() - before
+
+  warm = compile_count()
+  prompt_lens = [8, 24] if smoke else [128, 512, 2048]
+  result.update(latency(engine, tok, new_tokens, prompt_lens, 1 if smoke else 3))
+  result.update(stream_vs_fused(engine, tok, new_tokens))
+  # The fused program is a benchmark-only extra; the serving path is prefill + decode.
+  compiles_after = compile_count() - warm - 1
+
+  result["throughput_tokens_per_s"] = {
+      n: throughput(config, model_config, params, tok, n, 8 if smoke else 64) for n in slot_counts}
+  contexts = (16, 64) if smoke else (256, 8192)
+  steps_per_ctx = 4 if smoke else 32
+  tpots = long_context(config, model_config, params, tok, contexts,
+                       max(config.engine.max_len, max(contexts) + 2 * steps_per_ctx), steps_per_ctx)
+  result["tpot_by_context_s"] = tpots
+
+  compute_tokens_per_s = result["matmul_GFLOPs"] * 1e9 / (2 * model_config.num_params)
+  t16 = result["throughput_tokens_per_s"].get(16, max(result["throughput_tokens_per_s"].values()))
+  result.update(
+      compile_times_s=compile_times,
+      compute_roofline_tokens_per_s=compute_tokens_per_s,
+      peak_rss_MiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      tpot_over_roofline=result["tpot_median_s"] / result["roofline_tpot_s"],
+      stream_over_fused=result["stream_tokens_per_s"] / result["fused_tokens_per_s"],
+      throughput16_over_compute_roofline=t16 / compute_tokens_per_s,
+      tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
+      compiles_after_warmup=compiles_after)
+  if peer:
+    from decode import peer_hf
+    result["peer"] = peer_hf.measure(params, model_config, tok, new_tokens)
+  return result
+
+
+_TABLE = [
+    ("memory bandwidth", "memory_bandwidth_GBps", "{:.1f} GB/s"),
+    ("matmul", "matmul_GFLOPs", "{:.0f} GFLOP/s"),
+    ("bytes per decode step", "step_bytes", "{:.3e} B"),
+    ("roofline TPOT", "roofline_tpot_s", "{:.4f} s"),
+    ("TPOT median", "tpot_median_s", "{:.4f} s"),
+    ("TPOT p90", "tpot_p90_s", "{:.4f} s"),
+    ("stream tokens/s", "stream_tokens_per_s", "{:.1f}"),
+    ("fused tokens/s", "fused_tokens_per_s", "{:.1f}"),
+    ("compute roofline tokens/s", "compute_roofline_tokens_per_s", "{:.1f}"),
+    ("peak RSS", "peak_rss_MiB", "{:.0f} MiB"),
+    ("TPOT / roofline", "tpot_over_roofline", "{:.3f}"),
+    ("stream / fused", "stream_over_fused", "{:.3f}"),
+    ("16-slot tokens/s / compute roofline", "throughput16_over_compute_roofline", "{:.3f}"),
+    ("TPOT ctx 8192 / ctx 256", "tpot_ctx8192_over_ctx256", "{:.3f}"),
+    ("compiles after warm-up", "compiles_after_warmup", "{}"),
+]
+
+
+def print_table(result, file=sys.stdout):
+  for label, key, fmt in _TABLE:
+    print(f"{label:38s} {fmt.format(result[key])}", file=file)
+  for k, v in result.items():
+    if k.startswith("ttft_"):
+      print(f"{'TTFT ' + k[5:-2] + ' tokens':38s} {v:.4f} s", file=file)
+  for n, v in result["throughput_tokens_per_s"].items():
+    print(f"{f'throughput, {n} slots':38s} {v:.1f} tokens/s", file=file)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  slots = [int(s) for s in _SLOTS.value]
+  result = run(_CONFIG.value, _SMOKE.value, 4 if _SMOKE.value else _NEW.value,
+               [s for s in slots if s <= 4] if _SMOKE.value else slots, _PEER.value)
+  print_table(result)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,28 @@
+"""The benchmark runs end to end in smoke mode (tiny model); structure and sanity, not speed."""
+
+import json
+import math
+import subprocess
+import sys
+
+RATIOS = ("tpot_over_roofline", "stream_over_fused", "throughput16_over_compute_roofline",
+          "tpot_ctx8192_over_ctx256", "compiles_after_warmup")
+
+
+def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "decode.benchmark", "--config=configs/tiny.py", "--smoke",
+       "--slots=1,4", f"--out={out}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "TPOT / roofline" in proc.stdout
+  result = json.loads(out.read_text())
+  for key in RATIOS[:4]:
+    assert math.isfinite(result[key]) and result[key] > 0, key
+  assert result["compiles_after_warmup"] == 0
+  assert result["stream_equals_fused"] is True
+  assert result["memory_bandwidth_GBps"] > 0.1 and result["matmul_GFLOPs"] > 0.1
+  assert result["step_bytes"] > result["weight_bytes"] > 0
+  assert set(result["throughput_tokens_per_s"]) == {"1", "4"}
+  assert 0 < result["tpot_median_s"] <= result["tpot_p90_s"]
+  assert set(result["tpot_by_context_s"]) == {"16", "64"}
