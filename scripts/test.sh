@@ -6,6 +6,8 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet --upgrade pip
 pip install --quiet -e ".[test]"
+# The browser test drives Debian's headless Chromium; install it when it is missing.
+bash scripts/install_browser.sh
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
 status=$?
