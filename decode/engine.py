@@ -33,6 +33,7 @@ from decode.detokenize import IncrementalDetokenizer
 from decode.stops import StopMatcher
 from model.cache import init_cache
 from model.config import ModelConfig
+from model.sharding import ShardingPlan
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -74,6 +75,9 @@ class Request:
   sampling: sampling.SamplingParams | None = None
   stop: tuple[str, ...] = ()
   stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS / end-of-turn ids
+  # None: a prompt that does not fit is an error. k: keep the first k prompt tokens (BOS,
+  # system part) and the latest ones that fit, dropping the middle (see fit_prompt).
+  truncate_keep_start: int | None = None
 
 
 def fit_prompt(ids: Sequence[int], max_new_tokens: int, max_len: int,
@@ -193,11 +197,44 @@ class Stream:
     return "".join(e.text for e in self)
 
 
+def _prefill_positional(model, params, state, tokens, n_real, start, slot, request, top_n,
+                        last_chunk):
+  return steps.prefill(model, params, state, tokens, n_real, start, slot, request, top_n,
+                       last_chunk=last_chunk)
+
+
+def _sharded_steps(plan: ShardingPlan, config: ModelConfig, params, make_state):
+  """Params and a fresh state on the plan's mesh, and (prefill, decode, release) jitted with
+  explicit in/out shardings.
+
+  Params and state follow the rules (the state is donated and keeps its shardings); the
+  prompt chunk, scalars and sampling settings go in replicated and the packed rows come out
+  replicated, so every process reads the same tokens and takes the same host decisions
+  (decode/multihost.py).
+  """
+  param_sh = plan.param_shardings(config)
+  state_sh = plan.state_shardings(jax.eval_shape(make_state))
+  rep = plan.replicated
+  state = jax.jit(make_state, out_shardings=state_sh)()  # each device builds only its shard
+  # jit refuses keyword arguments once in_shardings is given, so last_chunk goes positionally.
+  prefill = jax.jit(_prefill_positional, static_argnums=(0, 8, 9), donate_argnums=(2,),
+                    in_shardings=(param_sh, state_sh) + (rep,) * 5, out_shardings=(state_sh, rep))
+  decode = jax.jit(steps.decode_step, static_argnums=(0, 3), donate_argnums=(2,),
+                   in_shardings=(param_sh, state_sh), out_shardings=(state_sh, rep))
+  release = jax.jit(steps.release, donate_argnums=(0,), in_shardings=(state_sh, rep),
+                    out_shardings=state_sh)
+  return (plan.put(params, param_sh), state,
+          (lambda *args, last_chunk=True: prefill(*args, last_chunk), decode, release))
+
+
 class Engine:
   """Owns params, the decode state on device, the compiled steps and the slots."""
 
   def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer,
-               engine_config: EngineConfig = EngineConfig(), cache_dtype=None):
+               engine_config: EngineConfig = EngineConfig(), cache_dtype=None,
+               plan: ShardingPlan | None = None):
+    """plan: None runs on the default device; a ShardingPlan places params and state on
+    its mesh by its rules and compiles the steps with those shardings (model/sharding.py)."""
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.engine_config = ec = engine_config
     if max(ec.prefill_buckets) > ec.max_len:
@@ -208,12 +245,18 @@ class Engine:
     # A model vocabulary padded past the tokenizer's decodes its extra ids to nothing.
     self.piece_bytes = tokenizer.piece_bytes + [b""] * (config.vocab_size - tokenizer.vocab_size)
     self.model = Transformer(config)
-    cache = init_cache(config, ec.num_slots, ec.max_len, cache_dtype, ec.cache_block)
-    self.state = steps.init_state(cache, ec.max_bias)
-    self._prefill = jax.jit(steps.prefill, static_argnums=(0, 8), static_argnames=("last_chunk",),
-                            donate_argnums=(2,))
-    self._decode = jax.jit(steps.decode_step, static_argnums=(0, 3), donate_argnums=(2,))
-    self._release = jax.jit(steps.release, donate_argnums=(0,))
+    make_state = lambda: steps.init_state(
+        init_cache(config, ec.num_slots, ec.max_len, cache_dtype, ec.cache_block), ec.max_bias)
+    self.plan = plan
+    if plan is None:
+      self.state = make_state()
+      self._prefill = jax.jit(steps.prefill, static_argnums=(0, 8), static_argnames=("last_chunk",),
+                              donate_argnums=(2,))
+      self._decode = jax.jit(steps.decode_step, static_argnums=(0, 3), donate_argnums=(2,))
+      self._release = jax.jit(steps.release, donate_argnums=(0,))
+    else:
+      self.params, self.state, (self._prefill, self._decode, self._release) = _sharded_steps(
+          plan, config, params, make_state)
     self._free = list(range(ec.num_slots))
     self._slots: dict[int, Stream] = {}
     self._waiting: collections.deque[Stream] = collections.deque()
@@ -224,7 +267,9 @@ class Engine:
   # ---- requests -------------------------------------------------------------------------
   def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Stream:
     ec = self.engine_config
-    fit_prompt(request.prompt_ids, request.max_new_tokens, ec.max_len)
+    ids = fit_prompt(request.prompt_ids, request.max_new_tokens, ec.max_len,
+                     request.truncate_keep_start)
+    request = dataclasses.replace(request, prompt_ids=tuple(ids))
     bad = [i for i in request.prompt_ids if not 0 <= i < self.config.vocab_size]
     if bad:
       raise ValueError(f"prompt ids out of range [0, {self.config.vocab_size}): {bad[:5]}")

@@ -147,3 +147,14 @@ def test_context_limit_is_a_clear_error(engine, tiny_tok):
   assert len(kept) == 76 and kept[:4] == ids[:4] and kept[-1] == ids[-1]
   with pytest.raises(ValueError, match="empty"):
     engine.submit(Request((), 5))
+  truncated = engine.submit(Request(tuple(ids), 20, stop_ids=(), truncate_keep_start=4))
+  assert truncated.request.prompt_ids == tuple(kept) and len(list(truncated)) == 20
+
+
+def test_bucket_choice_does_not_change_tokens(engine, tiny_config, tiny_params, tiny_tok):
+  """Same requests through an engine with other buckets (other padding, other chunking)."""
+  other = Engine(tiny_config, tiny_params, tiny_tok,
+                 EngineConfig(num_slots=2, max_len=96, prefill_buckets=(16,), cache_block=16))
+  for p, kw in zip(PROMPTS, MIXED):
+    assert _tokens(engine.submit(_request(tiny_tok, p, 8, **kw))) == \
+        _tokens(other.submit(_request(tiny_tok, p, 8, **kw)))
