@@ -173,6 +173,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
 
   model_config, params, tok = load_model(config.model, config.checkpoint or None,
                                          param_dtype=config.param_dtype, dtype=config.dtype,
+                                         quant=config.get("quant", "none"),
                                          progress=False)
   params = jax.device_put(params)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

@@ -53,7 +53,7 @@ def build_engine(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   model_config, params, tok = load_model(
       config.model, config.checkpoint or None, param_dtype=config.param_dtype,
-      dtype=config.dtype, seed=config.seed)
+      dtype=config.dtype, quant=config.get("quant", "none"), seed=config.seed)
   ec = EngineConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                        for k, v in config.engine.items()})
   return Engine(model_config, params, tok, ec)

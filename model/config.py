@@ -36,6 +36,7 @@ class ModelConfig:
     rms_eps: epsilon inside RMSNorm.
     param_dtype / dtype: storage dtype of weights and dtype of activations (names, so the
       config stays hashable and serialisable to JSON).
+    quant: "int8" stores matmul weights and the embedding as int8 + per-channel scales.
   """
 
   vocab_size: int
@@ -54,8 +55,11 @@ class ModelConfig:
   rms_eps: float = 1e-6
   param_dtype: str = "float32"
   dtype: str = "float32"
+  quant: str = "none"  # "int8": weight-only int8 with per-channel scales (model/quantize.py)
 
   def __post_init__(self):
+    if self.quant not in ("none", "int8"):
+      raise ValueError(f"quant={self.quant!r}; expected 'none' or 'int8'")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")

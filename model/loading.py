@@ -27,9 +27,13 @@ def tiny_tokenizer() -> Tokenizer:
 
 
 def load_model(model: str = "gemma3_270m", checkpoint: str | None = None, *,
-               param_dtype: str | None = None, dtype: str | None = None, seed: int = 0,
-               shardings=None, progress: bool = True):
-  """Returns (ModelConfig, params, Tokenizer). `dtype` sets the activation dtype."""
+               param_dtype: str | None = None, dtype: str | None = None, quant: str = "none",
+               seed: int = 0, shardings=None, progress: bool = True):
+  """Returns (ModelConfig, params, Tokenizer).
+
+  `param_dtype` is the weight storage dtype, `dtype` the activation dtype, and
+  quant="int8" quantizes the float weights after loading (model/quantize.py).
+  """
   from model import checkpoint as ckpt
   if checkpoint or model == "gemma3_270m":
     path = checkpoint or ckpt.ensure_checkpoint(progress=progress)
@@ -43,4 +47,9 @@ def load_model(model: str = "gemma3_270m", checkpoint: str | None = None, *,
                      "or pass a checkpoint directory")
   if dtype:
     config = config.replace(dtype=dtype)
+  if quant == "int8":
+    from model.quantize import quantize_int8_jit
+    config, params = config.replace(quant="int8"), quantize_int8_jit(params)
+  elif quant != "none":
+    raise ValueError(f"quant={quant!r}; expected 'none' or 'int8'")
   return config, params, tok

@@ -29,6 +29,24 @@ def _param(module, name, shape, axes, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _kernel(module, name, shape, axes, reduce_axes, init):
+  """A matmul weight in the compute dtype.
+
+  With `quant="int8"` the stored weight is int8 with one float32 scale per output channel
+  (`name_scale`, 1 along the contracted `reduce_axes`; see model/quantize.py), dequantized
+  here. Written as convert-and-multiply right before the einsum so XLA can fuse it into the
+  matmul's operand where the backend supports that (GPU/TPU); XLA CPU materialises it.
+  """
+  c = module.config
+  if c.quant != "int8":
+    return _param(module, name, shape, axes, init, c.jnp_param_dtype).astype(c.jnp_dtype)
+  scale_shape = tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
+  scale_axes = tuple(None if i in reduce_axes else a for i, a in enumerate(axes))
+  q = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
+  scale = _param(module, name + "_scale", scale_shape, scale_axes, nn.initializers.ones, jnp.float32)
+  return q.astype(c.jnp_dtype) * scale.astype(c.jnp_dtype)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm with a (1 + scale) gain, computed in float32 like the reference."""
   eps: float
@@ -60,14 +78,14 @@ class Attention(nn.Module):
   def __call__(self, x, positions, valid, cache: LayerCache, row0, filled, decode: bool):
     c = self.config
     init, pd = nn.initializers.normal(0.02), c.jnp_param_dtype
-    wq = _param(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init, pd)
-    wk = _param(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, pd)
-    wv = _param(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, pd)
-    wo = _param(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), init, pd)
+    wq = _kernel(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), (0,), init)
+    wk = _kernel(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), (0,), init)
+    wv = _kernel(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), (0,), init)
+    wo = _kernel(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), (0, 1), init)
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    q = jnp.einsum("BTD,DNH->BTNH", x, wq)
+    k = jnp.einsum("BTD,DKH->BTKH", x, wk)
+    v = jnp.einsum("BTD,DKH->BTKH", x, wv)
     q = RMSNorm(c.rms_eps, pd, name="q_norm")(q)
     k = RMSNorm(c.rms_eps, pd, name="k_norm")(k)
     base = c.rope_base_global if self.is_global else c.rope_base_local
@@ -81,7 +99,7 @@ class Attention(nn.Module):
     # order: transposing the activation first makes XLA CPU transpose the 2.6 MB weight
     # instead, on every call (47 MB of fresh memory per decode step on Gemma 3 270M).
     wo = wo.reshape(c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, c.d_model)
-    return jnp.einsum("BKGTH,KGHD->BTD", out, wo.astype(dt)), cache
+    return jnp.einsum("BKGTH,KGHD->BTD", out, wo), cache
 
 
 class MLP(nn.Module):
@@ -91,12 +109,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    init, pd, dt = nn.initializers.normal(0.02), c.jnp_param_dtype, x.dtype
-    gate = _param(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), init, pd)
-    up = _param(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), init, pd)
-    down = _param(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), init, pd)
-    h = nn.gelu(x @ gate.astype(dt), approximate=True) * (x @ up.astype(dt))
-    return h @ down.astype(dt)
+    init = nn.initializers.normal(0.02)
+    gate = _kernel(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), (0,), init)
+    up = _kernel(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), (0,), init)
+    down = _kernel(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), (0,), init)
+    h = nn.gelu(x @ gate, approximate=True) * (x @ up)
+    return h @ down
 
 
 class Block(nn.Module):
@@ -120,18 +138,29 @@ class Embedder(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embedding = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"),
-                            nn.initializers.normal(c.d_model ** -0.5), c.jnp_param_dtype)
+    shape, axes = (c.vocab_size, c.d_model), ("vocab", "embed")
+    if c.quant == "int8":  # one scale per vocabulary row: per output channel of the head
+      self.embedding = _param(self, "embedding", shape, axes, nn.initializers.zeros, jnp.int8)
+      self.embedding_scale = _param(self, "embedding_scale", (c.vocab_size, 1), ("vocab", None),
+                                    nn.initializers.ones, jnp.float32)
+    else:
+      self.embedding = _param(self, "embedding", shape, axes,
+                              nn.initializers.normal(c.d_model ** -0.5), c.jnp_param_dtype)
 
   def encode(self, tokens):
     c = self.config
     x = jnp.take(self.embedding, tokens, axis=0).astype(c.jnp_dtype)
+    if c.quant == "int8":
+      x = x * jnp.take(self.embedding_scale, tokens, axis=0).astype(c.jnp_dtype)
     return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
 
   def decode(self, h):
     """Logits [..., V] in float32."""
-    return jnp.einsum("...D,VD->...V", h, self.embedding.astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...D,VD->...V", h, self.embedding.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    if self.config.quant == "int8":  # per-row scales commute with the contraction over D
+      logits = logits * self.embedding_scale[:, 0]
+    return logits
 
 
 class Transformer(nn.Module):

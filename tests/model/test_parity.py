@@ -1,29 +1,15 @@
 """Parity with an independent float32 implementation (HF transformers) on the same weights."""
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from decode import sampling
 from decode.engine import Engine, EngineConfig, Request
-from model.cache import init_cache
-from model.transformer import Transformer
+from tests.model.forward import all_logits
 
 pytestmark = pytest.mark.slow
 TOL = 2e-3
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _all_logits(model, params, tokens):
-  """Logits at every position of one sequence (a test-only full forward)."""
-  t = tokens.shape[0]
-  cache = init_cache(model.config, 1, max(t, 8), block=256)
-  pos = jnp.arange(t)[None]
-  h, _ = model.apply({"params": params}, tokens[None], pos, pos >= 0, cache, 0)
-  return model.apply({"params": params}, h[0], method=Transformer.logits)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +36,8 @@ def _check_top(logits, top, label):
 
 def test_logits_match_reference(reference, gemma):
   config, params = gemma
-  model = Transformer(config)
   for prompt in reference["prompts"]:
-    logits = np.asarray(_all_logits(model, params, jnp.asarray(prompt["ids"], jnp.int32)))
+    logits = all_logits(config, params, prompt["ids"])
     name = prompt["name"]
     _check_top(logits[-1], prompt["last_top20"], f"{name} last")
     lse = float(jax.nn.logsumexp(logits[-1]))

@@ -1,0 +1,45 @@
+"""Weight-only int8: symmetric, one float32 scale per output channel.
+
+For a weight contracted over `REDUCE_AXES[name]`, every output channel c gets
+  scale_c = max |w[..., c]| / 127,   q = round(w / scale_c)  in [-127, 127],
+so dequantized weights are within scale_c / 2 of the originals. The embedding doubles as
+the output head, whose output channels are vocabulary rows: it gets one scale per row.
+Norm scales stay float32 (they are tiny and numerically sensitive).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+REDUCE_AXES = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,), "up": (0,),
+               "down": (0,), "embedding": (1,)}
+
+
+def _quantize(w, axes):
+  w = jnp.asarray(w, jnp.float32)
+  scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def quantize_int8(params: dict) -> dict:
+  """Float params -> the param tree of the same model with `quant="int8"`."""
+  out = {}
+  for name, value in params.items():
+    if isinstance(value, dict):
+      out[name] = quantize_int8(value)
+    elif name in REDUCE_AXES:
+      out[name], out[name + "_scale"] = _quantize(value, REDUCE_AXES[name])
+    else:
+      out[name] = value
+  return out
+
+
+def quantized_config(config: ModelConfig) -> ModelConfig:
+  return config.replace(quant="int8")
+
+
+quantize_int8_jit = jax.jit(quantize_int8)
