@@ -65,12 +65,8 @@ def matmul_flops(n: int, repeats: int = 5) -> float:
 
 
 def _engine(config, num_slots, max_len=None):
-  from decode.engine import Engine, EngineConfig
-  ec = dict(config.engine)
-  ec.update(num_slots=num_slots, prefill_buckets=tuple(ec["prefill_buckets"]))
-  if max_len:
-    ec["max_len"] = max_len
-  return EngineConfig(**ec)
+  from decode.build import engine_config
+  return engine_config(config, num_slots=num_slots, **({"max_len": max_len} if max_len else {}))
 
 
 def _prompt(tok, n, seed=0):
@@ -164,17 +160,14 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
   from decode.compiles import compile_count
   from decode.engine import Engine
   from model.cache import cache_bytes_read, init_cache
-  from model.loading import load_model
+  from decode import build
 
   result = {"config": config.to_dict(), "smoke": smoke, "backend": jax.default_backend(),
             "devices": len(jax.devices())}
   result["memory_bandwidth_GBps"] = memory_bandwidth(2**27 if smoke else 2**30) / 1e9
   result["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
 
-  model_config, params, tok = load_model(config.model, config.checkpoint or None,
-                                         param_dtype=config.param_dtype, dtype=config.dtype,
-                                         quant=config.get("quant", "none"),
-                                         progress=False)
+  model_config, params, tok = build.load(config, progress=False)
   params = jax.device_put(params)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   ec = _engine(config, 1)

@@ -42,23 +42,6 @@ def apply_flags(config):
   return config
 
 
-def build_engine(config):
-  """Config -> a ready Engine (loads or converts the checkpoint)."""
-  import jax
-  from decode.engine import Engine, EngineConfig
-  from model.gguf_import import cache_dir
-  from model.loading import load_model
-  # Later runs reuse compiled programs from disk instead of recompiling.
-  jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  model_config, params, tok = load_model(
-      config.model, config.checkpoint or None, param_dtype=config.param_dtype,
-      dtype=config.dtype, quant=config.get("quant", "none"), seed=config.seed)
-  ec = EngineConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                       for k, v in config.engine.items()})
-  return Engine(model_config, params, tok, ec)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,6 +56,7 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from decode.build import build_engine
   engine = build_engine(config)
   tok = engine.tokenizer
   ids = tok.chat_prompt(_PROMPT.value) if _CHAT.value else tok.encode(_PROMPT.value, add_bos=True)

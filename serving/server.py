@@ -51,30 +51,12 @@ def serve_config(config):
       api_key=_API_KEY.value or os.environ.get("FLAXSTREAM_API_KEY") or None)
 
 
-def build_engine(config):
-  """Config -> a ready Engine. The same steps as decode.generate.build_engine, which cannot be
-  imported here: that module defines its own absl flags (--config, --prompt) at import."""
-  import jax
-
-  from decode.engine import Engine, EngineConfig
-  from model.gguf_import import cache_dir
-  from model.loading import load_model
-  # Later starts reuse compiled programs from disk instead of recompiling.
-  jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  model_config, params, tok = load_model(
-      config.model, config.checkpoint or None, param_dtype=config.param_dtype,
-      dtype=config.dtype, seed=config.seed)
-  ec = EngineConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                       for k, v in config.engine.items()})
-  return Engine(model_config, params, tok, ec)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import uvicorn
 
+  from decode.build import build_engine
   from serving.api import create_app
   from serving.engine_thread import EngineThread
   from serving.metrics import Metrics
