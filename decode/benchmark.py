@@ -126,7 +126,7 @@ def stream_vs_fused(engine, tok, new_tokens):
     engine.state = engine._release(engine.state, np.int32(0))
     same &= [e.token_id for e in events] == [first] + outs[:, 0, 0].astype(int).tolist()
   return {"stream_tokens_per_s": rates[-1], "fused_tokens_per_s": fused_rates[-1],
-          "stream_equals_fused": bool(same)}
+          "stream_equals_fused": bool(same), "greedy_ids": [e.token_id for e in events]}
 
 
 def throughput(config, model_config, params, tok, slots, new_tokens):
@@ -212,9 +212,16 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
       throughput16_over_compute_roofline=t16 / compute_tokens_per_s,
       tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
       compiles_after_warmup=compiles_after)
+  ours = result.pop("greedy_ids")
   if peer:
     from decode import peer_hf
-    result["peer"] = peer_hf.measure(params, model_config, tok, new_tokens)
+    p = peer_hf.measure(jax.device_get(params), model_config, tok, new_tokens, _prompt(tok, 128))
+    p["greedy_matches_ours"] = p.pop("hf_greedy_ids") == ours[:new_tokens]
+    p["our_tpot_over_hf"] = result["tpot_median_s"] / p["hf_tpot_batch1_s"]
+    if 16 in result["throughput_tokens_per_s"]:
+      p["our_16slot_over_hf_batch16"] = (result["throughput_tokens_per_s"][16] /
+                                         p["hf_tokens_per_s_batch16"])
+    result["peer"] = p
   return result
 
 
@@ -245,6 +252,8 @@ def print_table(result, file=sys.stdout):
       print(f"{'TTFT ' + k[5:-2] + ' tokens':38s} {v:.4f} s", file=file)
   for n, v in result["throughput_tokens_per_s"].items():
     print(f"{f'throughput, {n} slots':38s} {v:.1f} tokens/s", file=file)
+  for k, v in result.get("peer", {}).items():
+    print(f"{'peer ' + k:38s} {v}", file=file)
 
 
 def main(argv):
