@@ -87,7 +87,10 @@ def latency(engine, tok, new_tokens, prompt_lens, repeats):
       ttfts.append(s.first_token_time)
     out[f"ttft_{n}_s"] = float(np.median(ttfts))
   s = engine.submit(Request(_prompt(tok, 128), new_tokens, stop_ids=()))
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times = [e.time for e in s]
+  # Fresh pages touched per token: ~0 unless a step materialises weights or copies the cache.
+  out["page_faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(times)
   gaps = np.diff(times)
   out["tpot_median_s"] = float(np.median(gaps))
   out["tpot_p90_s"] = float(np.percentile(gaps, 90))
@@ -236,6 +239,7 @@ _TABLE = [
     ("fused tokens/s", "fused_tokens_per_s", "{:.1f}"),
     ("compute roofline tokens/s", "compute_roofline_tokens_per_s", "{:.1f}"),
     ("peak RSS", "peak_rss_MiB", "{:.0f} MiB"),
+    ("page faults per decode step", "page_faults_per_step", "{:.1f}"),
     ("TPOT / roofline", "tpot_over_roofline", "{:.3f}"),
     ("stream / fused", "stream_over_fused", "{:.3f}"),
     ("16-slot tokens/s / compute roofline", "throughput16_over_compute_roofline", "{:.3f}"),
