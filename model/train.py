@@ -30,7 +30,6 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -123,14 +122,14 @@ class TextData:
     """Fixed, evenly spaced windows of the held-out text."""
     room = len(self.eval_ids) - seq_len
     if room <= 0:
-      raise ValueError(f"held-out text has {len(self.eval_ids)} tokens, fewer than seq_len+1; "
+      raise ValueError(f"held-out text has {len(self.eval_ids)} tokens, not more than seq_len; "
                        "raise eval_fraction or lower seq_len")
     starts = np.linspace(0, room, num_batches * batch_size).astype(int)
     return [self._windows(self.eval_ids, s, seq_len) for s in starts.reshape(num_batches, -1)]
 
   def unigram_loss(self) -> float:
     """Cross-entropy (nats) on the eval ids of unigram frequencies counted on the train ids
-    (add-one smoothed): the loss a model that ignores context cannot beat."""
+    (add-one smoothed): about the best a model that ignores context can do."""
     counts = np.bincount(self.train_ids, minlength=self.vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[self.eval_ids].mean())
