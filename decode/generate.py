@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gemma3_270m.py", "Run config file.")
@@ -45,6 +45,8 @@ def apply_flags(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # stderr is for our report, not orbax/jax INFO lines
+    logging.set_verbosity(logging.WARNING)
   config = apply_flags(_CONFIG.value)
   from decode import sampling
   from decode.engine import Request
