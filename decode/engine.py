@@ -249,7 +249,11 @@ class Engine:
         init_cache(config, ec.num_slots, ec.max_len, cache_dtype, ec.cache_block), ec.max_bias)
     self.plan = plan
     if plan is None:
-      self.state = make_state()
+      # Commit params and state to one device up front. jit keys its cache on whether inputs
+      # are committed: a fresh uncommitted state in warm-up and a committed one afterwards
+      # would compile every program a second time on the first real request.
+      device = jax.devices()[0]
+      self.params, self.state = jax.device_put((params, make_state()), device)
       self._prefill = jax.jit(steps.prefill, static_argnums=(0, 8), static_argnames=("last_chunk",),
                               donate_argnums=(2,))
       self._decode = jax.jit(steps.decode_step, static_argnums=(0, 3), donate_argnums=(2,))

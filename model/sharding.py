@@ -152,6 +152,13 @@ def default_mesh(num_slots: int = 1) -> Mesh:
   return make_mesh(default_sharding(len(devices), num_slots), devices)
 
 
+def default_plan(num_slots: int = 1) -> "ShardingPlan":
+  """`default_mesh` with its rules: what to pass as `Engine(..., plan=...)` on any machine."""
+  devices = detect_devices()
+  config = default_sharding(len(devices), num_slots)
+  return ShardingPlan(make_mesh(config, devices), config.rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingPlan:
   """A mesh and its rules: turns logical axis names into NamedShardings for given shapes."""
