@@ -24,6 +24,7 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: all 
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on /v1 "
                                "(default: $FLAXSTREAM_API_KEY; unset: no auth).")
+flags.DEFINE_alias("api-key", "api_key")  # the spelling other servers (vLLM) use
 _MODEL_NAME = flags.DEFINE_string("served_model_name", None, "Model id clients pass as `model` "
                                   "(default: the config's model).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more "

@@ -20,8 +20,9 @@ LONG = {"model": "tiny", "prompt": "The quick", "max_tokens": 500, "temperature"
 
 @pytest.fixture(scope="module")
 def server():
+  # The key by flag (the spelling of the issue and of vLLM); $FLAXSTREAM_API_KEY is the fallback.
   s = Server("--config=configs/serve_tiny.py", "--config.engine.num_slots=1",
-             "--max_queue=1", env={"FLAXSTREAM_API_KEY": KEY})
+             "--max_queue=1", f"--api-key={KEY}", env={"FLAXSTREAM_API_KEY": "not-this-one"})
   yield s
   s.stop()
 
