@@ -4,8 +4,9 @@
   python -m decode.benchmark --config=configs/tiny.py --smoke     # seconds; used by the tests
 
 What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less so):
-  * memory roofline: read bandwidth of a large numpy reduction; bytes a decode step must
-    read = weights + KV in use; roofline TPOT = bytes / bandwidth.
+  * memory roofline: read bandwidth of a large reduction (numpy and jitted jnp, the faster
+    counts); bytes a decode step must read = weights + KV in use; roofline TPOT = bytes /
+    bandwidth.
   * compute roofline: FLOP/s of a large jnp matmul; per-token compute roofline for batched
     throughput = FLOP/s / (2 * params).
   * TTFT for 128/512/2048-token prompts; TPOT median and p90 over the new tokens, batch 1.
@@ -48,11 +49,24 @@ def _median_time(fn, repeats):
   return float(np.median(times))
 
 
-def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
-  """Bytes/s of a streaming read (numpy sum over a buffer much larger than the caches)."""
+def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
+  """Bytes/s of a streaming read of a buffer much larger than the caches, two ways.
+
+  numpy's sum reads with one thread; a jitted jnp sum uses XLA's thread pool like the decode
+  step does. The roofline takes the faster: the bandwidth the step could actually get.
+  """
+  import jax
+  import jax.numpy as jnp
   a = np.ones(nbytes // 4, np.float32)
   a.sum()
-  return nbytes / _median_time(a.sum, repeats)
+  numpy_bw = nbytes / _median_time(a.sum, repeats)
+  del a
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  jax_bw = nbytes / _median_time(lambda: f(x).block_until_ready(), repeats)
+  return {"numpy_sum_GBps": numpy_bw / 1e9, "jax_sum_GBps": jax_bw / 1e9,
+          "memory_bandwidth_GBps": max(numpy_bw, jax_bw) / 1e9}
 
 
 def matmul_flops(n: int, repeats: int = 5) -> float:
@@ -167,7 +181,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
 
   result = {"config": config.to_dict(), "smoke": smoke, "backend": jax.default_backend(),
             "devices": len(jax.devices())}
-  result["memory_bandwidth_GBps"] = memory_bandwidth(2**27 if smoke else 2**30) / 1e9
+  result.update(memory_bandwidth(2**27 if smoke else 2**30))
   result["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
 
   model_config, params, tok = build.load(config, progress=False)
