@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.config import ModelConfig
 
 REDUCE_AXES = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,), "up": (0,),
                "down": (0,), "embedding": (1,)}
@@ -36,10 +35,6 @@ def quantize_int8(params: dict) -> dict:
     else:
       out[name] = value
   return out
-
-
-def quantized_config(config: ModelConfig) -> ModelConfig:
-  return config.replace(quant="int8")
 
 
 quantize_int8_jit = jax.jit(quantize_int8)
