@@ -266,6 +266,8 @@ class Engine:
     self._waiting: collections.deque[Stream] = collections.deque()
     self._inflight = None  # (packed device array, [(slot, stream)]) of the last decode step
     self._lock = threading.RLock()
+    # The stream whose prompt is part-way through prefill, and where its next chunk starts.
+    self._prefilling: tuple[Stream, int] | None = None
     self.steps_run = 0
 
   # ---- requests -------------------------------------------------------------------------
@@ -315,10 +317,6 @@ class Engine:
     self.state = self._release(self.state, np.int32(slot))
 
   # ---- the loop -------------------------------------------------------------------------
-  # The stream whose prompt is part-way through prefill, and where its next chunk starts.
-  # A class default, so a new engine has none.
-  _prefilling: tuple[Stream, int] | None = None
-
   def _prefill_chunks(self) -> list:
     """Run prefill chunks worth at most one largest bucket of tokens (at least one chunk).
 

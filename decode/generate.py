@@ -52,7 +52,7 @@ def main(argv):
   from decode.engine import Request
   try:
     params = sampling.make_params(**config.sampling)
-    stop = [s for s in _STOP.value]
+    stop = list(_STOP.value)
     if any(not s for s in stop):
       raise ValueError("--stop strings must be non-empty")
   except ValueError as e:

@@ -57,7 +57,7 @@ def packed_width(top_n: int) -> int:
 
 
 def pack(logits, params: SamplingParams, step, top_n: int):
-  """Sample from float32 logits [B,V] and pack [B, PACKED_WIDTH(n)] for the host."""
+  """Sample from float32 logits [B,V] and pack [B, packed_width(n)] for the host."""
   tokens = sampling.sample(logits, params, step)
   logprobs = jax.nn.log_softmax(logits, axis=-1)
   chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)

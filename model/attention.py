@@ -64,20 +64,18 @@ def _softmax_state(shape, h):
   return m, jnp.zeros_like(m), jnp.zeros(shape + (h,), jnp.float32)
 
 
-def _attend_cache(qg, q_pos, k_src, v_src, row0, last, window, cap, blk, state):
+def _attend_cache(qg, q_pos, k_src, v_src, last, window, cap, blk, state):
   """Fold the cache blocks holding positions <= last [B] into the softmax state.
 
-  k_src/v_src are either the whole layer cache (rows row0..row0+B-1 are read) or just those
-  rows. The trip count is computed on device from the filled length: unfilled blocks are
-  never read.
+  k_src/v_src [B,C,K,H] hold exactly this call's rows. The trip count is computed on device
+  from the filled length: unfilled blocks are never read.
   """
-  b = qg.shape[0]
   num_blocks = (jnp.minimum(jnp.max(last) + 1, cap) + blk - 1) // blk
 
   def body(carry):
     i, st = carry
-    k_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(k_src, row0, b, 0), i * blk, blk, 1)
-    v_blk = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(v_src, row0, b, 0), i * blk, blk, 1)
+    k_blk = lax.dynamic_slice_in_dim(k_src, i * blk, blk, 1)
+    v_blk = lax.dynamic_slice_in_dim(v_src, i * blk, blk, 1)
     idx = i * blk + jnp.arange(blk)
     k_pos = last[:, None] - jnp.mod(last[:, None] - idx[None, :], cap)
     mask = _mask(q_pos, k_pos, k_pos >= 0, window)
@@ -113,7 +111,7 @@ def attend_prefill(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, row0, fill
   # and then protects the whole shared buffer from the write with full copies.
   rows_k, rows_v = lax.optimization_barrier((lax.dynamic_slice_in_dim(cache.k, row0, b, 0),
                                              lax.dynamic_slice_in_dim(cache.v, row0, b, 0)))
-  state = _attend_cache(qg, q_pos, rows_k, rows_v, 0, filled - 1, cache.window,
+  state = _attend_cache(qg, q_pos, rows_k, rows_v, filled - 1, cache.window,
                         cache.capacity, cache.block, state)
   return _finish(state, q), write(cache, k_new, v_new, q_pos, new_ok, row0)
 
@@ -131,7 +129,7 @@ def attend_decode(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, filled):
   qg = q.reshape(b, t, kv, n // kv, h)
   cache = write(cache, k_new, v_new, q_pos, new_ok, 0)
   last = filled - 1 + new_ok[:, 0].astype(filled.dtype)
-  state = _attend_cache(qg, q_pos, cache.k, cache.v, 0, last, cache.window, cache.capacity,
+  state = _attend_cache(qg, q_pos, cache.k, cache.v, last, cache.window, cache.capacity,
                         cache.block, _softmax_state((b, kv, n // kv, t), h))
   return _finish(state, q), cache
 

@@ -23,23 +23,25 @@ import flax.linen as nn
 from model import attention
 from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
+from model.quantize import REDUCE_AXES
 
 
 def _param(module, name, shape, axes, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def _kernel(module, name, shape, axes, reduce_axes, init):
+def _kernel(module, name, shape, axes, init):
   """A matmul weight in the compute dtype.
 
   With `quant="int8"` the stored weight is int8 with one float32 scale per output channel
-  (`name_scale`, 1 along the contracted `reduce_axes`; see model/quantize.py), dequantized
+  (`name_scale`, 1 along the contracted axes `REDUCE_AXES[name]`; model/quantize.py), dequantized
   here. Written as convert-and-multiply right before the einsum so XLA can fuse it into the
   matmul's operand where the backend supports that (GPU/TPU); XLA CPU materialises it.
   """
   c = module.config
   if c.quant != "int8":
     return _param(module, name, shape, axes, init, c.jnp_param_dtype).astype(c.jnp_dtype)
+  reduce_axes = REDUCE_AXES[name]
   scale_shape = tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
   scale_axes = tuple(None if i in reduce_axes else a for i, a in enumerate(axes))
   q = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
@@ -78,10 +80,10 @@ class Attention(nn.Module):
   def __call__(self, x, positions, valid, cache: LayerCache, row0, filled, decode: bool):
     c = self.config
     init, pd = nn.initializers.normal(0.02), c.jnp_param_dtype
-    wq = _kernel(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), (0,), init)
-    wk = _kernel(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), (0,), init)
-    wv = _kernel(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), (0,), init)
-    wo = _kernel(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), (0, 1), init)
+    wq = _kernel(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init)
+    wk = _kernel(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init)
+    wv = _kernel(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init)
+    wo = _kernel(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), init)
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, wq)
     k = jnp.einsum("BTD,DKH->BTKH", x, wk)
@@ -110,9 +112,9 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     init = nn.initializers.normal(0.02)
-    gate = _kernel(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), (0,), init)
-    up = _kernel(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), (0,), init)
-    down = _kernel(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), (0,), init)
+    gate = _kernel(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
+    up = _kernel(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
+    down = _kernel(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
     h = nn.gelu(x @ gate, approximate=True) * (x @ up)
     return h @ down
 

@@ -64,14 +64,14 @@ def test_no_compiles_after_warmup(tiny_config, tiny_params, tiny_tok, commit_par
   # A fresh engine with shapes no other test uses: jit caches are per function, so an engine
   # sharing shapes with earlier tests could pass on programs they compiled.
   params = jax.device_put(tiny_params, jax.devices()[0]) if commit_params else tiny_params
-  engine = Engine(tiny_config, params, tiny_tok,
-                  EngineConfig(num_slots=3 + commit_params, max_len=80, prefill_buckets=(8, 16, 32),
-                               cache_block=8, top_logprobs=1))
+  ec = EngineConfig(num_slots=3 + commit_params, max_len=80, prefill_buckets=(8, 16, 32),
+                    cache_block=8, top_logprobs=1)
+  engine = Engine(tiny_config, params, tiny_tok, ec)
   engine.warmup()
   prompts = ["a", "The quick", "café naïve résumé Ärger über", "def stream(tokens): return",
              "Pack my box with five dozen liquor jugs. " * 3, "emoji 😀 " * 12]
   lengths = {len(tiny_tok.encode(p)) for p in prompts}
-  assert len(lengths) >= 5 and max(lengths) > EC.prefill_buckets[-1]  # includes a chunked prompt
+  assert len(lengths) >= 5 and max(lengths) > ec.prefill_buckets[-1]  # includes a chunked prompt
   with count_compiles() as compiles:
     streams = [engine.submit(_request(tiny_tok, p, 6, **MIXED[i % 4])) for i, p in enumerate(prompts)]
     engine.run_until_done()
