@@ -70,11 +70,14 @@ def _when_used(used, fn, logits, p):
   return lax.cond(jnp.any(used), fn, lambda x, _: x, logits, p)
 
 
+def _add_bias(x, p: SamplingParams):
+  rows = jnp.arange(x.shape[0])[:, None]
+  ids = jnp.where(p.bias_ids >= 0, p.bias_ids, x.shape[1])  # out of range: dropped
+  return x.at[rows, ids].add(p.bias_values, mode="drop")
+
+
 def logit_bias(logits, p: SamplingParams):
-  rows = jnp.arange(logits.shape[0])[:, None]
-  ids = jnp.where(p.bias_ids >= 0, p.bias_ids, logits.shape[1])  # out of range: dropped
-  return _when_used(p.bias_ids >= 0, lambda x, q: x.at[rows, ids].add(q.bias_values, mode="drop"),
-                    logits, p)
+  return _when_used(p.bias_ids >= 0, _add_bias, logits, p)
 
 
 def temperature(logits, p: SamplingParams):
@@ -125,20 +128,42 @@ def min_p(logits, p: SamplingParams):
 FILTERS = (temperature, top_k, top_p, min_p)
 
 
+def argmax(x, chunk: int = 512):
+  """Index of the first maximum along the last axis of x [B, V], as int32.
+
+  Same result as jnp.argmax, but XLA CPU lowers that to a (value, index) reduction about ten
+  times slower than a plain max over a 262144-wide row (10 ms vs 1 ms at batch 16). So: the
+  max of each chunk, the first chunk holding the overall max, then the argmax inside just that
+  chunk. The first such chunk holds the first maximum, so ties resolve as jnp.argmax does.
+  """
+  b, v = x.shape
+  if v % chunk or v <= chunk:
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+  chunks = x.reshape(b, v // chunk, chunk)
+  first = jnp.argmax(chunks.max(axis=-1), axis=-1)
+  inside = jnp.take_along_axis(chunks, first[:, None, None], axis=1)[:, 0]
+  return (first * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
 def row_keys(p: SamplingParams, step):
   return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p.seed, step)
 
 
 def sample(logits, p: SamplingParams, step):
-  """Next tokens [B] (int32) for float32 logits [B,V]; `step` [B] counts tokens generated."""
-  biased = logit_bias(logits, p)
-  greedy = jnp.argmax(biased, axis=-1).astype(jnp.int32)
+  """Next tokens [B] (int32) for float32 logits [B,V]; `step` [B] counts tokens generated.
+
+  The two outer conditionals return tokens, never a [B,V] array: a branch that passes the
+  logits through unchanged still copies them (10 ms per step at batch 16 on Gemma 3 270M).
+  """
+  def greedy(x):
+    return lax.cond(jnp.any(p.bias_ids >= 0), lambda y: argmax(_add_bias(y, p)), argmax, x)
 
   def draw(x):
+    x = logit_bias(x, p)
+    best = argmax(x)
     for f in FILTERS:
       x = f(x, p)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[1:], jnp.float32))(row_keys(p, step))
-    drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
-    return jnp.where(p.temperature > 0, drawn, greedy)
+    return jnp.where(p.temperature > 0, argmax(x + gumbel), best)
 
-  return lax.cond(jnp.any(p.temperature > 0), draw, lambda _: greedy, biased)
+  return lax.cond(jnp.any(p.temperature > 0), draw, greedy, logits)

@@ -57,15 +57,21 @@ def packed_width(top_n: int) -> int:
 
 
 def pack(logits, params: SamplingParams, step, top_n: int):
-  """Sample from float32 logits [B,V] and pack [B, packed_width(n)] for the host."""
+  """Sample from float32 logits [B,V] and pack [B, packed_width(n)] for the host.
+
+  Log-probabilities are logit - logsumexp: a full log_softmax would write another [B,V] array.
+  `finite` sums logits * 0, which is NaN exactly when some logit is NaN or infinite. (A max
+  or min test would miss NaNs: XLA CPU's vectorised max does not propagate them.)
+  """
   tokens = sampling.sample(logits, params, step)
-  logprobs = jax.nn.log_softmax(logits, axis=-1)
-  chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)
-  finite = jnp.isfinite(logits).all(axis=1, keepdims=True).astype(jnp.float32)
+  m = logits.max(axis=1, keepdims=True)
+  lse = m + jnp.log(jnp.exp(logits - m).sum(axis=1, keepdims=True))
+  chosen = jnp.take_along_axis(logits, tokens[:, None], axis=1) - lse
+  finite = jnp.isfinite((logits * 0.0).sum(axis=1, keepdims=True)).astype(jnp.float32)
   cols = [tokens[:, None].astype(jnp.float32), chosen, finite]
   if top_n:
-    top_lp, top_ids = jax.lax.top_k(logprobs, top_n)
-    cols += [top_ids.astype(jnp.float32), top_lp]
+    top_logits, top_ids = jax.lax.top_k(logits, top_n)
+    cols += [top_ids.astype(jnp.float32), top_logits - lse]
   return tokens, jnp.concatenate(cols, axis=1)
 
 

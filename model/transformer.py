@@ -157,12 +157,19 @@ class Embedder(nn.Module):
     return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
 
   def decode(self, h):
-    """Logits [..., V] in float32."""
-    logits = jnp.einsum("...D,VD->...V", h, self.embedding.astype(h.dtype),
+    """Logits [..., V] in float32.
+
+    Computed vocabulary-major, [V,D] x [N,D] -> [V,N], then transposed: XLA CPU runs that
+    product about twice as fast at batch 16 as [N,D] x [V,D] -> [N,V] (44 vs 88 ms on
+    Gemma 3 270M) and as fast at batch 1. The barrier keeps the transpose a small separate
+    copy; without it XLA folds the transpose back into the matmul and picks the slow form.
+    """
+    lead, d = h.shape[:-1], h.shape[-1]
+    logits = jnp.einsum("VD,ND->VN", self.embedding.astype(h.dtype), h.reshape(-1, d),
                         preferred_element_type=jnp.float32)
     if self.config.quant == "int8":  # per-row scales commute with the contraction over D
-      logits = logits * self.embedding_scale[:, 0]
-    return logits
+      logits = logits * self.embedding_scale
+    return jax.lax.optimization_barrier(logits).T.reshape(*lead, -1)
 
 
 class Transformer(nn.Module):

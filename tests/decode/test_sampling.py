@@ -111,3 +111,15 @@ def test_bad_values_are_rejected_with_the_number():
                   ({"min_p": 1.0}, "min_p")]:
     with pytest.raises(ValueError, match=msg):
       make_params(**kw)
+
+
+@pytest.mark.parametrize("chunk", [64, 512])
+def test_chunked_argmax_is_jnp_argmax_including_ties(chunk):
+  rng = np.random.RandomState(3)
+  x = rng.randint(-50, 50, size=(6, 4096)).astype(np.float32)  # many ties
+  x[1, [100, 3000]] = 99.0  # tie across chunks: the first wins
+  x[2, [700, 701]] = 99.0  # tie inside one chunk
+  x[3, -1] = 99.0  # the last entry
+  got = np.asarray(jax.jit(sampling.argmax, static_argnums=1)(jnp.asarray(x), chunk))
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  assert got[1] == 100 and got[2] == 700 and got[3] == 4095
