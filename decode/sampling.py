@@ -2,13 +2,16 @@
 
 Every strategy is a filter with the same signature, `(logits [B,V], params) -> logits [B,V]`,
 that leaves rows alone when their parameter is "off" (top_k 0, top_p 1, min_p 0, no bias).
-`sample` chains them: bias -> temperature -> top-k -> top-p -> min-p -> Gumbel-max draw.
+`sample` chains them: bias -> temperature -> top-k -> top-p -> min-p -> a categorical draw.
 Rows with temperature 0 take the argmax of the biased logits (greedy).
 
 Each filter runs under `lax.cond` on "does any row use it", so a batch of greedy requests
-pays nothing for top-p. Thresholds for top-k and top-p are found by bisection on the value
-(a fixed number of masked reductions over V) instead of sorting 262144 logits per row; ties
-at the threshold are all kept.
+pays nothing for top-p. Thresholds for top-k and top-p come from one `lax.top_k` of the
+largest `_CANDIDATES` entries per row instead of sorting all 262144 (8 ms vs 60 ms for the
+40-step bisection at batch 16 on Gemma 3 270M). Rows whose threshold lies beyond those
+candidates (top_k > _CANDIDATES, or a flat distribution whose top-p mass needs more) fall back
+to a bisection on the value, under a `lax.cond` so other batches never pay for it. Ties at the
+threshold are all kept.
 
 Randomness: row b draws from `fold_in(key(seed_b), step_b)`, where step_b counts the tokens
 that request has generated. The draw depends on nothing else, so a seeded request gives the
@@ -25,6 +28,7 @@ from jax import lax
 
 _NEG_INF = -jnp.inf
 _BISECT_STEPS = 40  # enough to reach adjacent float32 values across a logit range of ~1e3
+_CANDIDATES = 256  # entries per row that top-k / top-p thresholds are read from when they fit
 
 
 @struct.dataclass
@@ -96,13 +100,32 @@ def _bisect(lo, hi, keeps_enough):
   return lo
 
 
+def _largest(x):
+  """The largest min(_CANDIDATES, V) entries of each row of x [B,V], in descending order.
+
+  The barrier keeps XLA from folding later indexing into the top-k: that turns its partial
+  selection into a full sort of every row (~100x slower at V = 262144).
+  """
+  return lax.optimization_barrier(lax.top_k(x, min(_CANDIDATES, x.shape[1]))[0])
+
+
+def _threshold_or_bisect(t, fits, lo, hi, keeps_enough):
+  """t [B,1] where `fits`; elsewhere the bisection (run only if some row needs it)."""
+  return lax.cond(jnp.all(fits), lambda: t,
+                  lambda: jnp.where(fits, t, _bisect(lo, hi, keeps_enough)))
+
+
 def top_k(logits, p: SamplingParams):
   def f(x, q):
-    # Banned (-inf) entries never count; with fewer than k finite entries all are kept.
-    lo = jnp.where(jnp.isfinite(x), x, jnp.inf).min(1, keepdims=True)
-    hi = x.max(1, keepdims=True)
     k = q.top_k[:, None]
-    t = _bisect(lo, hi, lambda t: (x >= t).sum(1, keepdims=True) >= k)
+    best = _largest(x)  # [B, n]
+    n = best.shape[1]
+    # The k-th largest value; banned (-inf) entries never count, and with fewer than k
+    # finite entries the threshold is -inf, so all are kept.
+    t = jnp.take_along_axis(best, jnp.clip(k - 1, 0, n - 1), axis=1)
+    lo = jnp.where(jnp.isfinite(x), x, jnp.inf).min(1, keepdims=True)
+    t = _threshold_or_bisect(t, (k <= n), lo, best[:, :1],
+                             lambda t: (x >= t).sum(1, keepdims=True) >= k)
     return jnp.where((k > 0) & (x < t), _NEG_INF, x)
   return _when_used(p.top_k > 0, f, logits, p)
 
@@ -110,9 +133,15 @@ def top_k(logits, p: SamplingParams):
 def top_p(logits, p: SamplingParams):
   def f(x, q):
     probs = jax.nn.softmax(x, axis=-1)
-    lo, hi = jnp.zeros_like(probs[:, :1]), probs.max(1, keepdims=True)
     need = q.top_p[:, None]
-    t = _bisect(lo, hi, lambda t: jnp.where(probs >= t, probs, 0.0).sum(1, keepdims=True) >= need)
+    best = _largest(probs)
+    n = best.shape[1]
+    # The smallest prefix of the sorted probabilities whose mass reaches top_p ends at idx.
+    idx = jnp.sum(jnp.cumsum(best, axis=1) < need, axis=1, keepdims=True)
+    t = jnp.take_along_axis(best, jnp.minimum(idx, n - 1), axis=1)
+    t = _threshold_or_bisect(
+        t, (idx < n) | (need >= 1.0), jnp.zeros_like(need), best[:, :1],
+        lambda t: jnp.where(probs >= t, probs, 0.0).sum(1, keepdims=True) >= need)
     return jnp.where((need < 1.0) & (probs < t), _NEG_INF, x)
   return _when_used(p.top_p < 1.0, f, logits, p)
 
@@ -145,6 +174,35 @@ def argmax(x, chunk: int = 512):
   return (first * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
+def _pick(weights, u):
+  """Per row, index i with cdf[i-1] <= u * total < cdf[i]: a draw proportional to weights [B,n].
+
+  Never an entry of weight 0: the index is capped at the last positive entry, in case
+  u * total rounds up to the total.
+  """
+  n = weights.shape[-1]
+  cdf = jnp.cumsum(weights, axis=-1)
+  idx = jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)
+  last_positive = (n - 1) - jnp.argmax((weights > 0)[:, ::-1], axis=-1)
+  return jnp.minimum(idx, last_positive)
+
+
+def categorical(x, keys, chunk: int = 512):
+  """One draw per row from softmax(x) for x [B,V] (entries at -inf are never drawn).
+
+  Inverse CDF in two levels: a chunk with probability proportional to its mass, then an entry
+  inside it, from two uniforms per row. Gumbel-max needs V random numbers per row instead:
+  generating them cost ~60 ms per step at batch 16 on Gemma 3 270M (this: ~5 ms).
+  """
+  b, v = x.shape
+  width = chunk if v % chunk == 0 and v > chunk else v
+  p = jnp.exp(x - x.max(axis=1, keepdims=True)).reshape(b, v // width, width)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)
+  first = _pick(p.sum(axis=-1), u[:, 0])
+  inside = jnp.take_along_axis(p, first[:, None, None], axis=1)[:, 0]
+  return (first * width + _pick(inside, u[:, 1])).astype(jnp.int32)
+
+
 def row_keys(p: SamplingParams, step):
   return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p.seed, step)
 
@@ -163,7 +221,6 @@ def sample(logits, p: SamplingParams, step):
     best = argmax(x)
     for f in FILTERS:
       x = f(x, p)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[1:], jnp.float32))(row_keys(p, step))
-    return jnp.where(p.temperature > 0, argmax(x + gumbel), best)
+    return jnp.where(p.temperature > 0, categorical(x, row_keys(p, step)), best)
 
   return lax.cond(jnp.any(p.temperature > 0), draw, greedy, logits)

@@ -43,15 +43,24 @@ def test_top_k_never_leaves_the_top_k():
     assert len(set(draws[:, row])) > 3  # high temperature spreads over the allowed set
 
 
+@pytest.mark.parametrize("k", [7, sampling._CANDIDATES + 44])  # the second takes the bisection
+def test_top_k_keeps_exactly_the_k_largest(k):
+  logits = _logits(2, seed=4)
+  kept = np.isfinite(np.asarray(jax.jit(sampling.top_k)(logits, _params(2, temperature=1.0, top_k=k))))
+  for row in range(2):
+    assert set(np.flatnonzero(kept[row])) == set(np.argsort(-np.asarray(logits[row]))[:k])
+
+
 def test_top_k_one_equals_greedy():
   logits = _logits(5)
   draws = _draws(logits, _params(5, temperature=1.0, top_k=1), n=5)
   assert (draws == np.asarray(jnp.argmax(logits, -1))).all()
 
 
-@pytest.mark.parametrize("top_p", [0.3, 0.75, 0.95])
-def test_top_p_keeps_smallest_set_reaching_p(top_p):
-  logits = _logits(2, seed=1)
+@pytest.mark.parametrize("top_p, scale", [(0.3, 1), (0.75, 1), (0.95, 1), (0.9, 0.05)])
+def test_top_p_keeps_smallest_set_reaching_p(top_p, scale):
+  """scale 0.05 flattens the distribution so the set outgrows the candidates (bisection path)."""
+  logits = _logits(2, seed=1) * scale
   params = _params(2, temperature=1.0, top_p=top_p)
   kept = np.isfinite(np.asarray(jax.jit(sampling.top_p)(logits, params)))
   for row in range(2):
@@ -123,3 +132,18 @@ def test_chunked_argmax_is_jnp_argmax_including_ties(chunk):
   got = np.asarray(jax.jit(sampling.argmax, static_argnums=1)(jnp.asarray(x), chunk))
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
   assert got[1] == 100 and got[2] == 700 and got[3] == 4095
+
+
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_categorical_draws_follow_softmax(chunk):
+  """4000 independent draws (one per row key) against softmax; chunk 16 takes the two-level path."""
+  logits = np.full((256,), -np.inf, np.float32)
+  logits[[3, 17, 18, 200]] = np.log([0.5, 0.25, 0.15, 0.1])  # entries spread over chunks
+  n = 4000
+  x = jnp.broadcast_to(jnp.asarray(logits), (n, 256))
+  keys = jax.vmap(jax.random.key)(jnp.arange(n, dtype=jnp.uint32))
+  draws = np.asarray(jax.jit(sampling.categorical, static_argnums=2)(x, keys, chunk))
+  assert set(draws) <= {3, 17, 18, 200}  # never an entry at -inf
+  for token, p in [(3, 0.5), (17, 0.25), (18, 0.15), (200, 0.1)]:
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(np.mean(draws == token) - p) < 4 * sigma, (token, np.mean(draws == token))
