@@ -11,7 +11,10 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     throughput = FLOP/s / (2 * params).
   * TTFT for 128/512/2048-token prompts; TPOT median and p90 over the new tokens, batch 1.
   * streaming overhead: generator tokens/s over fused `lax.scan` tokens/s, same tokens.
-  * throughput with 1/4/16/32 concurrent slots (one engine per slot count).
+  * throughput with 1/4/16/32 concurrent greedy slots (one engine per slot count), and with
+    16 slots sampling (temperature 0.8, top-p 0.95).
+  * matmul FLOP/s at the MLP's shape for 1, 16 and 128 rows, and from it a TTFT floor for a
+    128-token prompt (the matmuls at that rate plus one read of the vocabulary head).
   * long context: TPOT at context 256 vs 8192 with the same max_len. The slot's cache is
     filled by one real prefill of a repeated prompt.
   * compile time per function, compiles after warm-up (counted), peak RSS.
@@ -76,6 +79,24 @@ def matmul_flops(n: int, repeats: int = 5) -> float:
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
   return 2 * n ** 3 / _median_time(lambda: f(x).block_until_ready(), repeats)
+
+
+def matmul_flops_by_rows(rows, k: int, n: int, repeats: int = 9) -> dict:
+  """FLOP/s of [rows, k] x [k, n], the model's own MLP shape, per row count.
+
+  A decode step at batch B multiplies B rows by each weight; prefill multiplies the chunk's
+  rows. Small row counts cannot reach the big-matmul peak, which bounds batched throughput.
+  """
+  import jax
+  import jax.numpy as jnp
+  w = jnp.ones((k, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  out = {}
+  for m in rows:
+    x = jnp.ones((m, k), jnp.float32)
+    f(x, w).block_until_ready()
+    out[m] = 2 * m * k * n / _median_time(lambda: f(x, w).block_until_ready(), repeats) / 1e9
+  return out
 
 
 def _engine(config, num_slots, max_len=None):
@@ -146,12 +167,21 @@ def stream_vs_fused(engine, tok, new_tokens):
           "stream_equals_fused": bool(same), "greedy_ids": [e.token_id for e in events]}
 
 
-def throughput(config, model_config, params, tok, slots, new_tokens):
-  """Aggregate decode tokens/s with `slots` concurrent greedy requests."""
+def throughput(config, model_config, params, tok, slots, new_tokens, sampled=False):
+  """Aggregate decode tokens/s with `slots` concurrent requests: greedy, or sampled with
+  temperature 0.8 and top-p 0.95 (a typical chat setting; each request its own seed)."""
+  from decode import sampling
   from decode.engine import Engine, Request
   engine = Engine(model_config, params, tok, _engine(config, slots))
   engine.warmup(prompt_lengths=[64])
-  streams = [engine.submit(Request(_prompt(tok, 64, i), new_tokens, stop_ids=())) for i in range(slots)]
+
+  def settings(i):
+    if not sampled:
+      return None
+    return sampling.make_params(temperature=0.8, top_p=0.95, seed=i,
+                                max_bias=engine.engine_config.max_bias)
+  streams = [engine.submit(Request(_prompt(tok, 64, i), new_tokens, settings(i), stop_ids=()))
+             for i in range(slots)]
   # Admit everyone before the clock starts: each step() prefills at most one largest bucket.
   while any(s.num_tokens == 0 for s in streams):
     engine.step()
@@ -187,6 +217,8 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
   result["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
 
   model_config, params, tok = build.load(config, progress=False)
+  mc = model_config
+  result["mlp_matmul_GFLOPs_by_rows"] = matmul_flops_by_rows((1, 16, 128), mc.d_model, mc.ffn_dim)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   ec = _engine(config, 1)
   cache = jax.eval_shape(lambda: init_cache(model_config, 1, ec.max_len, None, ec.cache_block))
@@ -213,6 +245,9 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
 
   result["throughput_tokens_per_s"] = {
       n: throughput(config, model_config, params, tok, n, 8 if smoke else 64) for n in slot_counts}
+  n = 16 if 16 in slot_counts else max(slot_counts)
+  result["throughput_sampled_tokens_per_s"] = {
+      n: throughput(config, model_config, params, tok, n, 8 if smoke else 64, sampled=True)}
   contexts = (16, 64) if smoke else (256, 8192)
   steps_per_ctx = 4 if smoke else 32
   tpots = long_context(config, model_config, params, tok, contexts,
@@ -220,6 +255,12 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
   result["tpot_by_context_s"] = tpots
 
   compute_tokens_per_s = result["matmul_GFLOPs"] * 1e9 / (2 * model_config.num_params)
+  # TTFT floor for 128 tokens: every non-embedding weight multiplies 128 rows at the measured
+  # 128-row matmul rate, then one row reads the whole vocabulary head at memory bandwidth.
+  head_bytes = mc.vocab_size * mc.d_model * 4
+  body_flops = 2 * 128 * (mc.num_params - mc.vocab_size * mc.d_model)
+  result["ttft_128_floor_s"] = (body_flops / (result["mlp_matmul_GFLOPs_by_rows"][128] * 1e9)
+                                + head_bytes / (result["memory_bandwidth_GBps"] * 1e9))
   t16 = result["throughput_tokens_per_s"].get(16, max(result["throughput_tokens_per_s"].values()))
   result.update(
       compile_times_s=compile_times,
@@ -253,6 +294,7 @@ _TABLE = [
     ("stream tokens/s", "stream_tokens_per_s", "{:.1f}"),
     ("fused tokens/s", "fused_tokens_per_s", "{:.1f}"),
     ("compute roofline tokens/s", "compute_roofline_tokens_per_s", "{:.1f}"),
+    ("TTFT 128 floor (matmul + head read)", "ttft_128_floor_s", "{:.4f} s"),
     ("peak RSS", "peak_rss_MiB", "{:.0f} MiB"),
     ("page faults per decode step", "page_faults_per_step", "{:.1f}"),
     ("TPOT / roofline", "tpot_over_roofline", "{:.3f}"),
@@ -271,6 +313,10 @@ def print_table(result, file=sys.stdout):
       print(f"{'TTFT ' + k[5:-2] + ' tokens':38s} {v:.4f} s", file=file)
   for n, v in result["throughput_tokens_per_s"].items():
     print(f"{f'throughput, {n} slots':38s} {v:.1f} tokens/s", file=file)
+  for n, v in result["throughput_sampled_tokens_per_s"].items():
+    print(f"{f'throughput, {n} slots, sampled':38s} {v:.1f} tokens/s", file=file)
+  for m, v in result["mlp_matmul_GFLOPs_by_rows"].items():
+    print(f"{f'MLP-shape matmul, {m} rows':38s} {v:.0f} GFLOP/s", file=file)
   for k, v in result.get("peer", {}).items():
     print(f"{'peer ' + k:38s} {v}", file=file)
 

@@ -24,5 +24,9 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert result["memory_bandwidth_GBps"] > 0.1 and result["matmul_GFLOPs"] > 0.1
   assert result["step_bytes"] > result["weight_bytes"] > 0
   assert set(result["throughput_tokens_per_s"]) == {"1", "4"}
+  assert list(result["throughput_sampled_tokens_per_s"]) == ["4"]
+  assert result["throughput_sampled_tokens_per_s"]["4"] > 0
+  assert set(result["mlp_matmul_GFLOPs_by_rows"]) == {"1", "16", "128"}
+  assert 0 < result["ttft_128_floor_s"] < 10
   assert 0 < result["tpot_median_s"] <= result["tpot_p90_s"]
   assert set(result["tpot_by_context_s"]) == {"16", "64"}
