@@ -22,17 +22,18 @@ def _state_dict(params, config):
   for i in range(config.num_layers):
     p, pre = params[f"layer_{i}"], f"model.layers.{i}."
     a = p["attn"]
-    sd[pre + "self_attn.q_proj.weight"] = t(np.asarray(a["q"]).reshape(d, n * h).T)
-    sd[pre + "self_attn.k_proj.weight"] = t(np.asarray(a["k"]).reshape(d, k * h).T)
-    sd[pre + "self_attn.v_proj.weight"] = t(np.asarray(a["v"]).reshape(d, k * h).T)
-    sd[pre + "self_attn.o_proj.weight"] = t(np.asarray(a["o"]).reshape(n * h, d).T)
+    # Ours are output-major like torch's Linear.weight; only the head axes are flattened.
+    sd[pre + "self_attn.q_proj.weight"] = t(np.asarray(a["q"]).reshape(n * h, d))
+    sd[pre + "self_attn.k_proj.weight"] = t(np.asarray(a["k"]).reshape(k * h, d))
+    sd[pre + "self_attn.v_proj.weight"] = t(np.asarray(a["v"]).reshape(k * h, d))
+    sd[pre + "self_attn.o_proj.weight"] = t(np.asarray(a["o"]).reshape(d, n * h))
     sd[pre + "self_attn.q_norm.weight"] = t(a["q_norm"]["scale"])
     sd[pre + "self_attn.k_norm.weight"] = t(a["k_norm"]["scale"])
     for ours, theirs in [("pre_attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
                          ("pre_ffw_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]:
       sd[pre + theirs + ".weight"] = t(p[ours]["scale"])
     for ours, theirs in [("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")]:
-      sd[pre + f"mlp.{theirs}.weight"] = t(np.asarray(p["mlp"][ours]).T)
+      sd[pre + f"mlp.{theirs}.weight"] = t(p["mlp"][ours])
   return sd
 
 

@@ -45,7 +45,9 @@ class CheckpointError(RuntimeError):
 
 
 def default_checkpoint_dir() -> Path:
-  return cache_dir() / "checkpoints" / "gemma3_270m"
+  # "-v2": output-major matmul weights (2026-11-22). A new name, so a cache converted in the
+  # old layout is converted again instead of failing its shape check.
+  return cache_dir() / "checkpoints" / "gemma3_270m-v2"
 
 
 def _rebuild_hint(path: Path) -> str:

@@ -3,14 +3,14 @@
 Layout conventions (D d_model, N query heads, K kv heads, H head_dim, F ffn, V vocab):
 
   GGUF numpy shapes are ggml's `ne` reversed, so a linear weight arrives as (out, in), the
-  same as a Hugging Face `nn.Linear.weight`. The model computes `x @ W`, so every linear map is
-  transposed, then its head axis is split out of the flat width:
+  same as a Hugging Face `nn.Linear.weight` and as the model stores it (output-major, see
+  model/transformer.py: _linear). Only the head axis is split out of the flat width:
 
-    attn_q      (N*H, D) -> q (D, N, H)        einsum 'BTD,DNH->BTNH'
-    attn_k/v    (K*H, D) -> k/v (D, K, H)
-    attn_output (D, N*H) -> o (N, H, D)        einsum 'BTNH,NHD->BTD'
-    ffn_gate/up (F, D)   -> gate/up (D, F)
-    ffn_down    (D, F)   -> down (F, D)
+    attn_q      (N*H, D) -> q (N, H, D)        q[n, h, :] = row n*H + h
+    attn_k/v    (K*H, D) -> k/v (K, H, D)
+    attn_output (D, N*H) -> o (D, N, H)
+    ffn_gate/up (F, D)   -> gate/up (F, D)
+    ffn_down    (D, F)   -> down (D, F)
     token_embd  (V, D)   -> embedding (V, D)   (tied output head: the GGUF has no output.weight)
 
   Flat widths are head-major (index n*H + h), as in HF's `view(B, T, N, H)`. llama.cpp only
@@ -152,12 +152,12 @@ def _convert(kind: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
     return unshift_norm_scale(w)
   if kind == "embedding":
     return w
-  if kind == "linear":  # (out, in) -> (in, out)
-    return np.ascontiguousarray(w.T)
-  if kind == "in_heads":  # (heads*H, D) -> (D, heads, H)
-    return np.ascontiguousarray(w.T).reshape(d, -1, h)
-  if kind == "out_heads":  # (D, N*H) -> (N, H, D)
-    return np.ascontiguousarray(w.T).reshape(-1, h, d)
+  if kind == "linear":  # (out, in), as stored
+    return np.ascontiguousarray(w)
+  if kind == "in_heads":  # (heads*H, D) -> (heads, H, D)
+    return np.ascontiguousarray(w).reshape(-1, h, d)
+  if kind == "out_heads":  # (D, N*H) -> (D, N, H)
+    return np.ascontiguousarray(w).reshape(d, -1, h)
   raise AssertionError(kind)
 
 
@@ -180,11 +180,11 @@ def expected_shapes(config: ModelConfig) -> Params:
   def layer() -> Params:  # a fresh dict per layer, so no two layers share a subtree
     return {
         "pre_attn_norm": {"scale": (d,)},
-        "attn": {"q": (d, n, h), "k": (d, k, h), "v": (d, k, h), "o": (n, h, d),
+        "attn": {"q": (n, h, d), "k": (k, h, d), "v": (k, h, d), "o": (d, n, h),
                  "q_norm": {"scale": (h,)}, "k_norm": {"scale": (h,)}},
         "post_attn_norm": {"scale": (d,)},
         "pre_ffw_norm": {"scale": (d,)},
-        "mlp": {"gate": (d, f), "up": (d, f), "down": (f, d)},
+        "mlp": {"gate": (f, d), "up": (f, d), "down": (d, f)},
         "post_ffw_norm": {"scale": (d,)},
     }
   return {"embedder": {"embedding": (config.vocab_size, d)},

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
-REDUCE_AXES = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,), "up": (0,),
-               "down": (0,), "embedding": (1,)}
+# Weights are output-major (model/transformer.py), so the contracted axes come last.
+REDUCE_AXES = {"q": (2,), "k": (2,), "v": (2,), "o": (1, 2), "gate": (1,), "up": (1,),
+               "down": (1,), "embedding": (1,)}
 
 
 def _quantize(w, axes):

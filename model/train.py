@@ -51,9 +51,9 @@ def _attention(c: ModelConfig, is_global: bool, p, x, positions):
   b, t, _ = x.shape
   dt, g = x.dtype, c.num_heads // c.num_kv_heads
   norm = RMSNorm(c.rms_eps, c.jnp_param_dtype)
-  q = jnp.einsum("BTD,DNH->BTNH", x, p["q"].astype(dt))
-  k = jnp.einsum("BTD,DKH->BTKH", x, p["k"].astype(dt))
-  v = jnp.einsum("BTD,DKH->BTKH", x, p["v"].astype(dt))
+  q = jnp.einsum("BTD,NHD->BTNH", x, p["q"].astype(dt))
+  k = jnp.einsum("BTD,KHD->BTKH", x, p["k"].astype(dt))
+  v = jnp.einsum("BTD,KHD->BTKH", x, p["v"].astype(dt))
   q = norm.apply({"params": p["q_norm"]}, q)
   k = norm.apply({"params": p["k_norm"]}, k)
   base = c.rope_base_global if is_global else c.rope_base_local
@@ -68,7 +68,7 @@ def _attention(c: ModelConfig, is_global: bool, p, x, positions):
   s = jnp.where(ok[:, None, None], s, -1e30)
   w = jax.nn.softmax(s, axis=-1).astype(dt)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", w, v).reshape(b, t, c.num_heads, -1)
-  return jnp.einsum("BTNH,NHD->BTD", out, p["o"].astype(dt))
+  return jnp.einsum("BTNH,DNH->BTD", out, p["o"].astype(dt))
 
 
 def forward(config: ModelConfig, params, tokens):

@@ -8,6 +8,8 @@ Block (pre- and post-norm around both sublayers, as Gemma 3):
   x = x + post_attn_norm(attn(pre_attn_norm(x)))
   x = x + post_ffw_norm(mlp(pre_ffw_norm(x)))
 
+Matmul weights are stored output-major, [out..., in...], as in GGUF and torch (see _linear).
+
 Every parameter carries logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp,
 norm) so one rules table can shard the model (see the sharding config).
 """
@@ -15,6 +17,7 @@ norm) so one rules table can shard the model (see the sharding config).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +52,27 @@ def _kernel(module, name, shape, axes, init):
   return q.astype(c.jnp_dtype) * scale.astype(c.jnp_dtype)
 
 
+def _linear(x, w, num_in: int = 1):
+  """x [..., *in] times an output-major weight w [*out, *in] -> [..., *out].
+
+  One row (a batch-1 decode step) is a matrix-vector product along the weight's contiguous
+  rows. Several rows run as w [O,I] @ x^T [I,M]: with the weight as the left operand XLA CPU's
+  matmul is ~30% faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs 34.6 ms at batch 16,
+  100 vs 118 ms for a 128-token chunk). The barriers keep the two small activation
+  transposes as real copies; without them XLA folds the transposes into the matmul and
+  picks the slow form again.
+  """
+  in_shape, out_shape = w.shape[w.ndim - num_in:], w.shape[:w.ndim - num_in]
+  lead = x.shape[:x.ndim - num_in]
+  w2 = w.reshape(-1, math.prod(in_shape))
+  x2 = x.reshape(-1, math.prod(in_shape))
+  if x2.shape[0] == 1:
+    y = jnp.einsum("MI,OI->MO", x2, w2)
+  else:
+    y = jax.lax.optimization_barrier(w2 @ jax.lax.optimization_barrier(x2.T)).T
+  return y.reshape(*lead, *out_shape)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm with a (1 + scale) gain, computed in float32 like the reference."""
   eps: float
@@ -80,14 +104,12 @@ class Attention(nn.Module):
   def __call__(self, x, positions, valid, cache: LayerCache, row0, filled, decode: bool):
     c = self.config
     init, pd = nn.initializers.normal(0.02), c.jnp_param_dtype
-    wq = _kernel(self, "q", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init)
-    wk = _kernel(self, "k", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init)
-    wv = _kernel(self, "v", (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init)
-    wo = _kernel(self, "o", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), init)
+    wq = _kernel(self, "q", (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), init)
+    wk = _kernel(self, "k", (c.num_kv_heads, c.head_dim, c.d_model), ("kv_heads", "head_dim", "embed"), init)
+    wv = _kernel(self, "v", (c.num_kv_heads, c.head_dim, c.d_model), ("kv_heads", "head_dim", "embed"), init)
+    wo = _kernel(self, "o", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init)
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, wq)
-    k = jnp.einsum("BTD,DKH->BTKH", x, wk)
-    v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+    q, k, v = _linear(x, wq), _linear(x, wk), _linear(x, wv)  # [B,T,N,H], [B,T,K,H] x2
     q = RMSNorm(c.rms_eps, pd, name="q_norm")(q)
     k = RMSNorm(c.rms_eps, pd, name="k_norm")(k)
     base = c.rope_base_global if self.is_global else c.rope_base_local
@@ -97,11 +119,9 @@ class Attention(nn.Module):
       out, cache = attention.attend_decode(q, k, v, positions, valid, cache, filled)
     else:
       out, cache = attention.attend_prefill(q, k, v, positions, valid, cache, row0, filled)
-    # Contract straight from the attention's [B,K,G,T,H] layout, in the weight's own (N,H)
-    # order: transposing the activation first makes XLA CPU transpose the 2.6 MB weight
-    # instead, on every call (47 MB of fresh memory per decode step on Gemma 3 270M).
-    wo = wo.reshape(c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, c.d_model)
-    return jnp.einsum("BKGTH,KGHD->BTD", out, wo), cache
+    b, _, _, t, h = out.shape  # [B,K,G,T,H] -> [B,T,N,H]; n = k * G + g, as the weight's N
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, h)
+    return _linear(out, wo, num_in=2), cache
 
 
 class MLP(nn.Module):
@@ -112,11 +132,11 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     init = nn.initializers.normal(0.02)
-    gate = _kernel(self, "gate", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
-    up = _kernel(self, "up", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
-    down = _kernel(self, "down", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
-    h = nn.gelu(x @ gate, approximate=True) * (x @ up)
-    return h @ down
+    gate = _kernel(self, "gate", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
+    up = _kernel(self, "up", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
+    down = _kernel(self, "down", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
+    h = nn.gelu(_linear(x, gate), approximate=True) * _linear(x, up)
+    return _linear(h, down)
 
 
 class Block(nn.Module):

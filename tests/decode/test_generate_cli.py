@@ -28,7 +28,7 @@ def test_first_run_converts_then_streams_reference_greedy_text(tmp_path):
   assert proc.stdout == prompt["greedy_text"] + "\n"
   assert "converting" in proc.stderr and "%" in proc.stderr  # progress was shown
   assert "ttft" in proc.stderr and "tokens/s" in proc.stderr and "finish_reason=" in proc.stderr
-  assert (tmp_path / "checkpoints" / "gemma3_270m" / "config.json").is_file()
+  assert (tmp_path / "checkpoints" / "gemma3_270m-v2" / "config.json").is_file()
 
 
 def test_tiny_streams_and_reports_on_stderr():

@@ -35,9 +35,9 @@ def forward(config, params, tokens):
     lp = p[f"layer_{i}"]
     a = lp["attn"]
     h = _rms(x, f(lp["pre_attn_norm"]["scale"]), config.rms_eps)
-    q = np.einsum("td,dnh->tnh", h, f(a["q"]))
-    k = np.einsum("td,dkh->tkh", h, f(a["k"]))
-    v = np.einsum("td,dkh->tkh", h, f(a["v"]))
+    q = np.einsum("td,nhd->tnh", h, f(a["q"]))
+    k = np.einsum("td,khd->tkh", h, f(a["k"]))
+    v = np.einsum("td,khd->tkh", h, f(a["v"]))
     q = _rms(q, f(a["q_norm"]["scale"]), config.rms_eps)
     k = _rms(k, f(a["k_norm"]["scale"]), config.rms_eps)
     base = config.rope_base_global if is_global else config.rope_base_local
@@ -55,11 +55,11 @@ def forward(config, params, tokens):
     w = np.exp(s - s.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     o = np.einsum("nts,snh->tnh", w, v)
-    o = np.einsum("tnh,nhd->td", o, f(a["o"]))
+    o = np.einsum("tnh,dnh->td", o, f(a["o"]))
     x = x + _rms(o, f(lp["post_attn_norm"]["scale"]), config.rms_eps)
     m = lp["mlp"]
     h = _rms(x, f(lp["pre_ffw_norm"]["scale"]), config.rms_eps)
-    h = _gelu_tanh(h @ f(m["gate"])) * (h @ f(m["up"]))
-    x = x + _rms(h @ f(m["down"]), f(lp["post_ffw_norm"]["scale"]), config.rms_eps)
+    h = _gelu_tanh(h @ f(m["gate"]).T) * (h @ f(m["up"]).T)
+    x = x + _rms(h @ f(m["down"]).T, f(lp["post_ffw_norm"]["scale"]), config.rms_eps)
   x = _rms(x, f(p["final_norm"]["scale"]), config.rms_eps)
   return x @ emb.T

@@ -156,7 +156,7 @@ def test_ensure_checkpoint_converts_once(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(model.gguf_import, "load_gguf", fake_load_gguf)
   monkeypatch.setenv("FLAXSTREAM_HOME", str(tmp_path))
   first = ckpt.ensure_checkpoint(progress=False)
-  assert first == tmp_path / "checkpoints" / "gemma3_270m" and len(calls) == 1
+  assert first == tmp_path / "checkpoints" / "gemma3_270m-v2" and len(calls) == 1
   assert ckpt.ensure_checkpoint(progress=False) == first and len(calls) == 1
   assert load_checkpoint(first)[0] == tiny[0]
 

@@ -70,11 +70,11 @@ def test_layouts_and_norm_shift_on_fake_tensors():
   attn, mlp = params["layer_1"]["attn"], params["layer_1"]["mlp"]
   wq, wk, wo = raw["blk.1.attn_q.weight"], raw["blk.1.attn_k.weight"], raw["blk.1.attn_output.weight"]
   # Flat head widths are head-major: row n*H + h of the (out, in) weight.
-  np.testing.assert_array_equal(attn["q"][:, 3, 5], wq[3 * h + 5])
-  np.testing.assert_array_equal(attn["k"][:, 1, 7], wk[1 * h + 7])
-  np.testing.assert_array_equal(attn["o"][2, 9, :], wo[:, 2 * h + 9])
-  np.testing.assert_array_equal(mlp["gate"], raw["blk.1.ffn_gate.weight"].T)
-  np.testing.assert_array_equal(mlp["down"], raw["blk.1.ffn_down.weight"].T)
+  np.testing.assert_array_equal(attn["q"][3, 5, :], wq[3 * h + 5])
+  np.testing.assert_array_equal(attn["k"][1, 7, :], wk[1 * h + 7])
+  np.testing.assert_array_equal(attn["o"][:, 2, 9], wo[:, 2 * h + 9])
+  np.testing.assert_array_equal(mlp["gate"], raw["blk.1.ffn_gate.weight"])
+  np.testing.assert_array_equal(mlp["down"], raw["blk.1.ffn_down.weight"])
   np.testing.assert_array_equal(params["embedder"]["embedding"], raw["token_embd.weight"])
   np.testing.assert_array_equal(attn["q_norm"]["scale"], raw["blk.1.attn_q_norm.weight"] - 1)
   np.testing.assert_array_equal(params["final_norm"]["scale"], raw["output_norm.weight"] - 1)

@@ -100,7 +100,7 @@ def test_gemma3_270m_preset_shapes_without_allocating():
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   assert sum(x.size for x in jax.tree.leaves(shapes)) == cfg.num_params
   assert 260e6 < cfg.num_params < 280e6
-  assert shapes["layer_0"]["attn"]["q"].shape == (640, 4, 256)
+  assert shapes["layer_0"]["attn"]["q"].shape == (4, 256, 640)
   axes = logical_axes(cfg)
   assert tuple(axes["embedder"]["embedding"]) == ("vocab", "embed")
 
