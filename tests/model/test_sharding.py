@@ -341,7 +341,7 @@ def test_orbax_restores_each_device_only_its_shard(tiny_results):
     _check_restore(report)
   tp = tiny_results["restore"]["tensor_parallel"]
   assert tp["['embedder']['embedding']"]["device_shards"][0] == [384 // 8, 64]
-  assert tp["['layer_0']['mlp']['down']"]["device_shards"][0] == [128 // 8, 64]
+  assert tp["['layer_0']['mlp']['down']"]["device_shards"][0] == [64, 128 // 8]  # [D, F]
 
 
 @pytest.mark.slow
@@ -356,8 +356,8 @@ def test_gemma_sharded_equals_single_device(gemma_results):
   report = gemma_results["restore"][GEMMA_PLAN[0]]
   _check_restore(report)
   assert report["['embedder']['embedding']"]["device_shards"][0] == [262144 // 4, 640]
-  assert report["['layer_0']['attn']['q']"]["device_shards"][0] == [640, 1, 256]
-  assert report["['layer_0']['attn']['k']"]["device_shards"][0] == [640, 1, 256]
+  assert report["['layer_0']['attn']['q']"]["device_shards"][0] == [1, 256, 640]  # [N, H, D]
+  assert report["['layer_0']['attn']['k']"]["device_shards"][0] == [1, 256, 640]
 
 
 # ---- the rules, on an abstract mesh (no devices needed) --------------------------------------
