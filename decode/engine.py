@@ -394,10 +394,12 @@ class Engine:
     while self.step():
       pass
 
-  def warmup(self, prompt_lengths: Sequence[int] | None = None):
+  def warmup(self, prompt_lengths: Sequence[int] | None = None) -> dict[str, float]:
     """Compile the decode step and the prefill programs, so no request compiles later.
 
     By default every bucket; with `prompt_lengths`, only the programs those prompts use.
+    Returns the seconds each program's first call took (compile plus one run; a run alone
+    when it was already compiled), keyed e.g. prefill_128, prefill_512_chunk, decode_step.
     """
     ec = self.engine_config
     # Chunks before the last are always full largest-bucket chunks: one extra program.
@@ -406,11 +408,18 @@ class Engine:
       big = ec.prefill_buckets[-1]
       variants = {(ec.bucket(n - big * ((n - 1) // big)), True) for n in prompt_lengths}
       variants |= {(big, False) for n in prompt_lengths if n > big}
-    for bucket, last in variants:
+    seconds = {}
+    for bucket, last in sorted(variants):
+      start = time.perf_counter()
       self.state, out = self._prefill(
           self.model, self.params, self.state, np.zeros((bucket,), np.int32), np.int32(1),
           np.int32(0), np.int32(0), sampling.make_params(max_bias=ec.max_bias),
           ec.top_logprobs, last_chunk=last)
+      jax.block_until_ready(out)
+      seconds[f"prefill_{bucket}" + ("" if last else "_chunk")] = time.perf_counter() - start
+    start = time.perf_counter()
     self.state, out = self._decode(self.model, self.params, self.state, ec.top_logprobs)
-    self.state = self._release(self.state, np.int32(0))
     jax.block_until_ready(out)
+    seconds["decode_step"] = time.perf_counter() - start
+    self.state = self._release(self.state, np.int32(0))
+    return seconds

@@ -28,5 +28,8 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert result["throughput_sampled_tokens_per_s"]["4"] > 0
   assert set(result["mlp_matmul_GFLOPs_by_rows"]) == {"1", "16", "128"}
   assert 0 < result["floor_ttft_128_s"] < 10
+  times = result["compile_times_s"]
+  assert {"decode_step", "prefill_16", "prefill_256_chunk", "warmup_all_buckets_s"} <= set(times)
+  assert all(v > 0 for v in times.values())
   assert 0 < result["tpot_median_s"] <= result["tpot_p90_s"]
   assert set(result["tpot_by_context_s"]) == {"16", "64"}
