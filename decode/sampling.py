@@ -192,7 +192,8 @@ def categorical(x, keys, chunk: int = 512):
 
   Inverse CDF in two levels: a chunk with probability proportional to its mass, then an entry
   inside it, from two uniforms per row. Gumbel-max needs V random numbers per row instead:
-  generating them cost ~60 ms per step at batch 16 on Gemma 3 270M (this: ~5 ms).
+  with them, sampling at temperature 0.8 took 67 ms per step at batch 16 on Gemma 3 270M
+  (21 ms with this, most of it the temperature division and two max passes).
   """
   b, v = x.shape
   width = chunk if v % chunk == 0 and v > chunk else v
