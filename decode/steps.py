@@ -122,8 +122,15 @@ def decode_step(model: Transformer, params, state: DecodeState, top_n: int = 0):
 
 
 def release(state: DecodeState, slot) -> DecodeState:
-  """Free a slot: it stops writing to the cache at once."""
-  return state.replace(active=state.active.at[slot].set(False))
+  """Free a slot: it stops writing to the cache at once.
+
+  Its sampling settings go back to greedy: the filters and the draw run when any slot asks
+  for them, so a finished sampled request would otherwise keep every later step paying.
+  """
+  off = sampling.make_params(max_bias=state.sampling.bias_ids.shape[1])
+  return state.replace(
+      active=state.active.at[slot].set(False),
+      sampling=jax.tree.map(lambda arr, val: arr.at[slot].set(val), state.sampling, off))
 
 
 def generate_fused(model: Transformer, params, state: DecodeState, num_steps: int,
@@ -131,7 +138,7 @@ def generate_fused(model: Transformer, params, state: DecodeState, num_steps: in
   """`num_steps` decode steps inside one `lax.scan`: the no-host-in-the-loop baseline.
 
   Uses the very same decode_step, so streaming and fused generation must agree token for
-  token. Returns (state, packed [num_steps, S, 2+2n]).
+  token. Returns (state, packed [num_steps, S, 3+2n]).
   """
   def body(st, _):
     return decode_step(model, params, st, top_n)

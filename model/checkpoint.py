@@ -45,8 +45,8 @@ class CheckpointError(RuntimeError):
 
 
 def default_checkpoint_dir() -> Path:
-  # "-v2": output-major matmul weights (2026-11-22). A new name, so a cache converted in the
-  # old layout is converted again instead of failing its shape check.
+  # "-v2": output-major matmul weights. A new name, so a cache converted in the old layout
+  # is converted again instead of failing its shape check.
   return cache_dir() / "checkpoints" / "gemma3_270m-v2"
 
 

@@ -153,11 +153,11 @@ def _convert(kind: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
   if kind == "embedding":
     return w
   if kind == "linear":  # (out, in), as stored
-    return np.ascontiguousarray(w)
+    return w
   if kind == "in_heads":  # (heads*H, D) -> (heads, H, D)
-    return np.ascontiguousarray(w).reshape(-1, h, d)
+    return w.reshape(-1, h, d)
   if kind == "out_heads":  # (D, N*H) -> (D, N, H)
-    return np.ascontiguousarray(w).reshape(d, -1, h)
+    return w.reshape(d, -1, h)
   raise AssertionError(kind)
 
 

@@ -1,7 +1,7 @@
 """Weight-only int8: symmetric, one float32 scale per output channel.
 
 For a weight contracted over `REDUCE_AXES[name]`, every output channel c gets
-  scale_c = max |w[..., c]| / 127,   q = round(w / scale_c)  in [-127, 127],
+  scale_c = max |w[c, ...]| / 127,   q = round(w / scale_c)  in [-127, 127],
 so dequantized weights are within scale_c / 2 of the originals. The embedding doubles as
 the output head, whose output channels are vocabulary rows: it gets one scale per row.
 Norm scales stay float32 (they are tiny and numerically sensitive).

@@ -21,7 +21,7 @@ splits at most one dimension of an array. Otherwise that dimension is replicated
 
 Gemma 3 270M (4 query heads, 1 KV head, head_dim 256, vocab 262144) on more model devices
 than KV heads -- the choice, and why:
-  * kv_heads are replicated over `model`: the K/V projections (640 x 256 each) are computed
+  * kv_heads are replicated over `model`: the K/V projections (256 x 640 each) are computed
     on every model device, and the KV cache is replicated over `model` (still split over
     `data` by slot). With one KV head every query head reads all of it anyway, so a device
     holding 1 of the 4 query heads needs the whole cache: replicating costs cache memory

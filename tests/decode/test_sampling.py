@@ -8,7 +8,7 @@ import pytest
 from decode import sampling
 from decode.sampling import make_params, stack
 
-V = 1000
+V = 4096  # a multiple of 512, so sample() takes the chunked argmax and two-level draw
 
 
 def _logits(rows, seed=0):
@@ -43,12 +43,15 @@ def test_top_k_never_leaves_the_top_k():
     assert len(set(draws[:, row])) > 3  # high temperature spreads over the allowed set
 
 
-@pytest.mark.parametrize("k", [7, sampling._CANDIDATES + 44])  # the second takes the bisection
-def test_top_k_keeps_exactly_the_k_largest(k):
-  logits = _logits(2, seed=4)
-  kept = np.isfinite(np.asarray(jax.jit(sampling.top_k)(logits, _params(2, temperature=1.0, top_k=k))))
-  for row in range(2):
-    assert set(np.flatnonzero(kept[row])) == set(np.argsort(-np.asarray(logits[row]))[:k])
+def test_top_k_keeps_exactly_the_k_largest():
+  """Row 1 fits the candidates, row 2 takes the bisection, row 0 has top-k off."""
+  ks = [0, 7, sampling._CANDIDATES + 44]
+  logits = _logits(3, seed=4)
+  params = stack([make_params(temperature=1.0, top_k=k) for k in ks])
+  kept = np.isfinite(np.asarray(jax.jit(sampling.top_k)(logits, params)))
+  assert kept[0].all()
+  for row in (1, 2):
+    assert set(np.flatnonzero(kept[row])) == set(np.argsort(-np.asarray(logits[row]))[:ks[row]])
 
 
 def test_top_k_one_equals_greedy():

@@ -20,11 +20,12 @@ from model.transformer import Transformer, init_params
 _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=[1, 4], ids=["1_slot", "4_slots"])
+def compiled(request):
+  """One slot takes the matrix-vector path of every matmul, several the weight-left one."""
   cfg = get_config("gemma3_270m", num_layers=2, global_every=2, vocab_size=4096)
   params = init_params(cfg, jax.random.key(0))
-  state = steps.init_state(init_cache(cfg, 4, 2048))
+  state = steps.init_state(init_cache(cfg, request.param, 2048))
   model = Transformer(cfg)
   fn = jax.jit(lambda p, s: steps.decode_step(model, p, s, 0), donate_argnums=1)
   weights = sum(x.nbytes for x in jax.tree.leaves(params))

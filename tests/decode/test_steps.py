@@ -36,3 +36,18 @@ def test_one_bad_logit_in_a_wide_row_marks_the_row_not_finite():
   logits[3, V - 1] = -np.inf
   packed = _pack(jnp.asarray(logits), top_n=0)
   np.testing.assert_array_equal(packed[:, 2], [1.0, 0.0, 0.0, 0.0])
+
+
+def test_release_puts_the_slot_back_to_greedy():
+  from model.cache import init_cache
+  from model.config import get_config
+  state = steps.init_state(init_cache(get_config("tiny"), 2, 16))
+  hot = make_params(temperature=0.9, top_k=5, top_p=0.5, min_p=0.1, seed=3, logit_bias={7: 1.0})
+  state = state.replace(active=jnp.ones((2,), bool),
+                        sampling=jax.tree.map(lambda *r: jnp.stack(r), hot, hot))
+  state = jax.jit(steps.release)(state, 1)
+  assert np.asarray(state.active).tolist() == [True, False]
+  for default, got, hot_value in zip(jax.tree.leaves(make_params()), jax.tree.leaves(state.sampling),
+                                     jax.tree.leaves(hot)):
+    np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(default))  # released: greedy
+    np.testing.assert_array_equal(np.asarray(got)[0], np.asarray(hot_value))  # untouched

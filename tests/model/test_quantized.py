@@ -25,6 +25,8 @@ def test_int8_roundtrip_error_is_bounded(tiny_params):
   w = np.asarray(tiny_params["layer_0"]["mlp"]["gate"])
   deq = np.asarray(q["layer_0"]["mlp"]["gate"], np.float32) * np.asarray(q["layer_0"]["mlp"]["gate_scale"])
   assert q["layer_0"]["mlp"]["gate"].dtype == jnp.int8
+  assert q["layer_0"]["mlp"]["gate_scale"].shape == (w.shape[0], 1)  # one per output channel
+  assert q["layer_0"]["attn"]["o_scale"].shape == (w.shape[1], 1, 1)  # o: [D, N, H]
   assert np.all(np.abs(deq - w) <= np.asarray(q["layer_0"]["mlp"]["gate_scale"]) / 2 + 1e-7)
 
 

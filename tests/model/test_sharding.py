@@ -374,13 +374,13 @@ def test_gemma_rules_replicate_kv_heads_and_split_vocab():
   P = lambda *a: tuple(a)
   spec = lambda names, shape: tuple(plan.spec(names, shape))
   assert spec(("vocab", "embed"), (262144, 640)) == P("model", None)
-  assert spec(("embed", "heads", "head_dim"), (640, 4, 256)) == P(None, None, None)  # 8 ∤ 4
-  assert spec(("embed", "kv_heads", "head_dim"), (640, 1, 256)) == P(None, None, None)
-  assert spec(("embed", "mlp"), (640, 2048)) == P(None, "model")
+  assert spec(("heads", "head_dim", "embed"), (4, 256, 640)) == P(None, None, None)  # 8 ∤ 4
+  assert spec(("kv_heads", "head_dim", "embed"), (1, 256, 640)) == P(None, None, None)
+  assert spec(("mlp", "embed"), (2048, 640)) == P("model", None)
   assert spec(("slots", "length", "kv_heads", "head_dim"), (4, 512, 1, 256)) == P(None, None, None, None)
   plan = _abstract_plan(2, 4, TENSOR_RULES + DATA_RULES)
   spec = lambda names, shape: tuple(plan.spec(names, shape))
-  assert spec(("embed", "heads", "head_dim"), (640, 4, 256)) == P(None, "model", None)
+  assert spec(("heads", "head_dim", "embed"), (4, 256, 640)) == P("model", None, None)
   assert spec(("slots", "length", "kv_heads", "head_dim"), (4, 512, 1, 256)) == P("data", None, None, None)
   # One mesh axis splits at most one dimension of an array.
   both = _abstract_plan(1, 2, (("heads", "model"), ("head_dim", "model")))
