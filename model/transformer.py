@@ -60,24 +60,26 @@ def _cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _linear(x, w, num_in: int = 1):
+def _linear(x, w, num_in: int = 1, out_dtype=None):
   """x [..., *in] times an output-major weight w [*out, *in] -> [..., *out].
 
   One row (a batch-1 decode step) is a matrix-vector product along the weight's contiguous
   rows. On CPU, several rows run as w [O,I] @ x^T [I,M]: with the weight as the left operand
   XLA CPU's matmul is ~30% faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs 34.6 ms at
-  batch 16, 100 vs 118 ms for a 128-token chunk). The barriers keep the two small activation
-  transposes as real copies; without them XLA folds the transposes into the matmul and
-  picks the slow form again.
+  batch 16, 100 vs 118 ms for a 128-token chunk; the 262144-row vocabulary head: 44 vs
+  88 ms). The barriers keep the two small activation transposes as real copies; without
+  them XLA folds the transposes into the matmul and picks the slow form again.
+  out_dtype: the accumulation and result dtype (default: the operands').
   """
   in_shape, out_shape = w.shape[w.ndim - num_in:], w.shape[:w.ndim - num_in]
   lead = x.shape[:x.ndim - num_in]
   w2 = w.reshape(-1, math.prod(in_shape))
   x2 = x.reshape(-1, math.prod(in_shape))
   if x2.shape[0] == 1 or not _cpu():
-    y = jnp.einsum("MI,OI->MO", x2, w2)
+    y = jnp.einsum("MI,OI->MO", x2, w2, preferred_element_type=out_dtype)
   else:
-    y = jax.lax.optimization_barrier(w2 @ jax.lax.optimization_barrier(x2.T)).T
+    y = jnp.matmul(w2, jax.lax.optimization_barrier(x2.T), preferred_element_type=out_dtype)
+    y = jax.lax.optimization_barrier(y).T
   return y.reshape(*lead, *out_shape)
 
 
@@ -185,25 +187,11 @@ class Embedder(nn.Module):
     return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
 
   def decode(self, h):
-    """Logits [..., V] in float32.
-
-    On CPU computed vocabulary-major over the M rows of h, [V,D] x [M,D] -> [V,M], then
-    transposed: XLA CPU runs that product about twice as fast at batch 16 as
-    [M,D] x [V,D] -> [M,V] (44 vs 88 ms on Gemma 3 270M) and as fast at batch 1. The barrier
-    keeps the transpose a small separate copy; without it XLA folds the transpose back into
-    the matmul and picks the slow form.
-    """
-    lead, d = h.shape[:-1], h.shape[-1]
-    emb = self.embedding.astype(h.dtype)
-    scale = self.embedding_scale if self.config.quant == "int8" else None
-    if not _cpu():
-      logits = jnp.einsum("MD,VD->MV", h.reshape(-1, d), emb, preferred_element_type=jnp.float32)
-      logits = logits if scale is None else logits * scale[:, 0]
-      return logits.reshape(*lead, -1)
-    logits = jnp.einsum("VD,MD->VM", emb, h.reshape(-1, d), preferred_element_type=jnp.float32)
-    if scale is not None:  # per-row scales commute with the contraction over D
-      logits = logits * scale
-    return jax.lax.optimization_barrier(logits).T.reshape(*lead, -1)
+    """Logits [..., V] in float32: the tied head is an output-major [V, D] weight."""
+    logits = _linear(h, self.embedding.astype(h.dtype), out_dtype=jnp.float32)
+    if self.config.quant == "int8":  # per-row scales commute with the contraction over D
+      logits = logits * self.embedding_scale[:, 0]
+    return logits
 
 
 class Transformer(nn.Module):
