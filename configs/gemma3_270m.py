@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ""  # "" = default cache dir, converted from the GGUF package on first use
   c.param_dtype = "float32"  # weight storage: float32 | bfloat16
   c.dtype = "float32"  # activations
-  c.quant = "none"  # "int8": weight-only int8, per-channel scales
+  c.quant = "none"  # "int8": weight-only int8, per-channel scales; "int8_dynamic": int8 matmuls
   c.seed = 0  # random init seed (tiny model only)
 
   c.engine = ml_collections.ConfigDict()

@@ -19,6 +19,9 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     filled by one real prefill of a repeated prompt.
   * compile time per program (its first call in warm-up), compiles after warm-up (counted),
     peak RSS.
+  * the same weights stored another way (`--variants`, default int8_dynamic; also int8 and
+    bfloat16): TTFT 128, batch-1 TPOT and 16-slot throughput, each also as a ratio to the
+    float32 figure of the same run, since between runs this machine drifts more than the gap.
 
 The top level of the JSON holds the ratios other tools read: tpot_over_roofline,
 stream_over_fused, throughput16_over_compute_roofline, tpot_ctx8192_over_ctx256,
@@ -41,6 +44,9 @@ _OUT = flags.DEFINE_string("out", None, "Write the JSON result here.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A few steps of everything (tests); figures are meaningless.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens per latency run.")
 _SLOTS = flags.DEFINE_list("slots", ["1", "4", "16", "32"], "Slot counts for throughput.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["int8_dynamic"],
+    "Storage variants measured against float32 in the same run: int8_dynamic, int8, bfloat16.")
 _PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
 
 
@@ -210,7 +216,29 @@ def long_context(config, model_config, params, tok, contexts, max_len, steps_per
   return out
 
 
-def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
+def variant(config, model_config, params, tok, name, new_tokens, smoke):
+  """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`."""
+  import jax
+  import jax.numpy as jnp
+  from decode.engine import Engine
+  if name == "bfloat16":
+    vconfig = model_config.replace(param_dtype="bfloat16")
+    vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  else:
+    from model.quantize import quantize_int8_jit
+    vconfig, vparams = model_config.replace(quant=name), quantize_int8_jit(params)
+  engine = Engine(vconfig, vparams, tok, _engine(config, 1))
+  n = 8 if smoke else 128
+  engine.warmup(prompt_lengths=[n])
+  out = latency(engine, tok, new_tokens, [n], 1 if smoke else 3)
+  del engine
+  out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
+  out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok, 2 if smoke else 16,
+                                                8 if smoke else 64)
+  return out
+
+
+def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=()) -> dict:
   import jax
   from decode.compiles import compile_count
   from decode.engine import Engine
@@ -280,6 +308,17 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool) -> dict:
       tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
       compiles_after_warmup=compiles_after)
   ours = result.pop("greedy_ids")
+  result["variants"] = {}
+  for name in variants:
+    v = variant(config, model_config, params, tok, name, new_tokens, smoke)
+    v["roofline_tpot_s"] = ((v["weight_bytes"] + step_bytes - weight_bytes)
+                            / (result["memory_bandwidth_GBps"] * 1e9))
+    ttft = f"ttft_{8 if smoke else 128}_s"
+    v["tpot_over_float32"] = v["tpot_median_s"] / result["tpot_median_s"]
+    v["ttft_over_float32"] = v[ttft] / result[ttft]
+    if 16 in result["throughput_tokens_per_s"]:
+      v["throughput16_over_float32"] = v["throughput16_tokens_per_s"] / t16
+    result["variants"][name] = v
   if peer:
     from decode import peer_hf
     p = peer_hf.measure(jax.device_get(params), model_config, tok, new_tokens, _prompt(tok, 128))
@@ -327,6 +366,9 @@ def print_table(result, file=sys.stdout):
     print(f"{f'MLP-shape matmul, {m} rows':38s} {v:.0f} GFLOP/s", file=file)
   for k, v in result["compile_times_s"].items():
     print(f"{'compile + first run, ' + k:38s} {v:.2f} s", file=file)
+  for name, v in result["variants"].items():
+    for k, x in v.items():
+      print(f"{name + ' ' + k:38s} {x:.4g}", file=file)
   for k, v in result.get("peer", {}).items():
     print(f"{'peer ' + k:38s} {v}", file=file)
 
@@ -336,7 +378,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   slots = [int(s) for s in _SLOTS.value]
   result = run(_CONFIG.value, _SMOKE.value, 4 if _SMOKE.value else _NEW.value,
-               [s for s in slots if s <= 4] if _SMOKE.value else slots, _PEER.value)
+               [s for s in slots if s <= 4] if _SMOKE.value else slots, _PEER.value,
+               [v for v in _VARIANTS.value if v])
   print_table(result)
   if _OUT.value:
     with open(_OUT.value, "w") as f:

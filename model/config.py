@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANT_MODES = ("none", "int8", "int8_dynamic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,10 @@ class ModelConfig:
     rms_eps: epsilon inside RMSNorm.
     param_dtype / dtype: storage dtype of weights and dtype of activations (names, so the
       config stays hashable and serialisable to JSON).
-    quant: "int8" stores matmul weights and the embedding as int8 + per-channel scales.
+    quant: "int8" stores matmul weights and the embedding as int8 + per-channel scales and
+      dequantizes them for float matmuls (weight-only); "int8_dynamic" stores the same params
+      and also rounds each activation row to int8 at run time (one scale per row), so the
+      matmuls run int8 x int8 -> int32 (model/transformer.py: _linear_int8).
   """
 
   vocab_size: int
@@ -55,17 +59,22 @@ class ModelConfig:
   rms_eps: float = 1e-6
   param_dtype: str = "float32"
   dtype: str = "float32"
-  quant: str = "none"  # "int8": weight-only int8 with per-channel scales (model/quantize.py)
+  quant: str = "none"  # "none", "int8" or "int8_dynamic" (model/quantize.py)
 
   def __post_init__(self):
-    if self.quant not in ("none", "int8"):
-      raise ValueError(f"quant={self.quant!r}; expected 'none' or 'int8'")
+    if self.quant not in QUANT_MODES:
+      raise ValueError(f"quant={self.quant!r}; expected one of {QUANT_MODES}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+
+  @property
+  def int8_weights(self) -> bool:
+    """Whether matmul weights and the embedding are stored as int8 + per-channel scales."""
+    return self.quant != "none"
 
   @property
   def is_global(self) -> tuple[bool, ...]:

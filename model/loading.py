@@ -32,7 +32,7 @@ def load_model(model: str = "gemma3_270m", checkpoint: str | None = None, *,
   """Returns (ModelConfig, params, Tokenizer).
 
   `param_dtype` is the weight storage dtype, `dtype` the activation dtype, and
-  quant="int8" quantizes the float weights after loading (model/quantize.py).
+  quant="int8" or "int8_dynamic" quantizes the float weights after loading (model/quantize.py).
   """
   from model import checkpoint as ckpt
   if checkpoint or model == "gemma3_270m":
@@ -49,6 +49,6 @@ def load_model(model: str = "gemma3_270m", checkpoint: str | None = None, *,
     config = config.replace(dtype=dtype)
   if quant != "none":
     from model.quantize import quantize_int8_jit
-    config = config.replace(quant=quant)  # validates the name; "int8" is the only scheme
+    config = config.replace(quant=quant)  # validates the name; both int8 modes store the same params
     params = quantize_int8_jit(params)
   return config, params, tok

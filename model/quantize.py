@@ -1,10 +1,13 @@
-"""Weight-only int8: symmetric, one float32 scale per output channel.
+"""int8 weights: symmetric, one float32 scale per output channel.
 
 For a weight contracted over `REDUCE_AXES[name]`, every output channel c gets
   scale_c = max |w[c, ...]| / 127,   q = round(w / scale_c)  in [-127, 127],
 so dequantized weights are within scale_c / 2 of the originals. The embedding doubles as
 the output head, whose output channels are vocabulary rows: it gets one scale per row.
 Norm scales stay float32 (they are tiny and numerically sensitive).
+
+Both int8 modes (config `quant`: "int8", weight-only, and "int8_dynamic", int8 activations
+too) store exactly this param tree; the model decides how to multiply with it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ REDUCE_AXES = {"q": (2,), "k": (2,), "v": (2,), "o": (1, 2), "gate": (1,), "up":
                "down": (1,), "embedding": (1,)}
 
 
-def _quantize(w, axes):
+def quantize_weight(w, axes):
   w = jnp.asarray(w, jnp.float32)
   scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0)
@@ -32,7 +35,7 @@ def quantize_int8(params: dict) -> dict:
     if isinstance(value, dict):
       out[name] = quantize_int8(value)
     elif name in REDUCE_AXES:
-      out[name], out[name + "_scale"] = _quantize(value, REDUCE_AXES[name])
+      out[name], out[name + "_scale"] = quantize_weight(value, REDUCE_AXES[name])
     else:
       out[name] = value
   return out

@@ -13,7 +13,7 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "decode.benchmark", "--config=configs/tiny.py", "--smoke",
-       "--slots=1,4", f"--out={out}"], capture_output=True, text=True, timeout=300)
+       "--slots=1,4", "--variants=int8_dynamic", f"--out={out}"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "TPOT / roofline" in proc.stdout
   result = json.loads(out.read_text())
@@ -33,3 +33,8 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert all(v > 0 for v in times.values())
   assert 0 < result["tpot_median_s"] <= result["tpot_p90_s"]
   assert set(result["tpot_by_context_s"]) == {"16", "64"}
+  v = result["variants"]["int8_dynamic"]
+  assert 0 < v["weight_bytes"] < result["weight_bytes"] / 2  # int8 + scales vs float32
+  assert 0 < v["roofline_tpot_s"] < result["roofline_tpot_s"]
+  assert v["tpot_over_float32"] > 0 and v["ttft_over_float32"] > 0
+  assert v["throughput16_tokens_per_s"] > 0
