@@ -15,21 +15,27 @@ import pytest
 from decode import steps
 from model.cache import init_cache
 from model.config import get_config
+from model.quantize import quantize_int8
 from model.transformer import Transformer, init_params
 
 _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["1_slot", "4_slots"])
+@pytest.fixture(scope="module", params=[(1, "none"), (4, "none"), (1, "int8_dynamic"), (4, "int8_dynamic")],
+                ids=["1_slot", "4_slots", "1_slot_int8_dynamic", "4_slots_int8_dynamic"])
 def compiled(request):
-  """One slot takes the matrix-vector path of every matmul, several the weight-left one."""
+  """One slot takes the matrix-vector path of every matmul, several the weight-left one;
+  int8_dynamic must multiply the stored int8 weights, never a float copy of them."""
+  slots, quant = request.param
   cfg = get_config("gemma3_270m", num_layers=2, global_every=2, vocab_size=4096)
   params = init_params(cfg, jax.random.key(0))
-  state = steps.init_state(init_cache(cfg, request.param, 2048))
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))  # the float32 model's bytes
+  if quant != "none":
+    cfg, params = cfg.replace(quant=quant), quantize_int8(params)
+  state = steps.init_state(init_cache(cfg, slots, 2048))
   model = Transformer(cfg)
   fn = jax.jit(lambda p, s: steps.decode_step(model, p, s, 0), donate_argnums=1)
-  weights = sum(x.nbytes for x in jax.tree.leaves(params))
-  return fn.lower(params, state).compile(), weights
+  return fn.lower(params, state).compile(), weights, params
 
 
 def _big_materialised(hlo: str):
@@ -42,18 +48,27 @@ def _big_materialised(hlo: str):
 
 
 def test_no_weight_or_cache_copies_per_step(compiled):
-  program, _ = compiled
+  program, _, _ = compiled
   assert _big_materialised(program.as_text()) == []
 
 
+def test_int8_weights_are_never_converted_to_float(compiled):
+  """No float buffer the shape of an int8 weight: the matmuls read the int8 bytes."""
+  program, _, params = compiled
+  shapes = {",".join(map(str, x.shape)) for x in jax.tree.leaves(params) if x.dtype == np.int8}
+  found = [line.strip()[:160] for line in program.as_text().splitlines()
+           if (m := re.match(r"\s*%\S+ = (f32|bf16|f16)\[([0-9,]*)\]", line)) and m.group(2) in shapes]
+  assert found == []
+
+
 def test_temporary_memory_is_small_next_to_weights(compiled):
-  program, weights = compiled
+  program, weights, _ = compiled
   temp = program.memory_analysis().temp_size_in_bytes
   assert temp < 0.05 * weights, (temp, weights)
 
 
 def test_cache_is_updated_in_place(compiled):
-  program, _ = compiled
+  program, _, _ = compiled
   ma = program.memory_analysis()
   # Everything the step returns (the state, bar the small packed rows) aliases its inputs.
   assert ma.alias_size_in_bytes >= 0.99 * ma.output_size_in_bytes
