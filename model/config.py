@@ -36,7 +36,9 @@ class ModelConfig:
     query_pre_attn_scalar: queries are scaled by its inverse square root.
     rms_eps: epsilon inside RMSNorm.
     param_dtype / dtype: storage dtype of weights and dtype of activations (names, so the
-      config stays hashable and serialisable to JSON).
+      config stays hashable and serialisable to JSON). A matmul runs in its weight's dtype:
+      with bfloat16 weights and float32 activations, each matmul input is rounded to
+      bfloat16 and the product accumulates in float32.
     quant: "int8" stores matmul weights and the embedding as int8 + per-channel scales and
       dequantizes them for float matmuls (weight-only); "int8_dynamic" stores the same params
       and also rounds each activation row to int8 at run time (one scale per row), so the

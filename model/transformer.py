@@ -41,7 +41,7 @@ class Int8Weight(NamedTuple):
 
 
 def _kernel(module, name, shape, axes, init):
-  """A matmul weight in the compute dtype, or an Int8Weight for quant="int8_dynamic".
+  """A matmul weight in its storage dtype (_linear multiplies in it), or an Int8Weight.
 
   With an int8 quant the stored weight is int8 with one float32 scale per output channel
   (`name_scale`, 1 along the contracted axes `REDUCE_AXES[name]`; model/quantize.py).
@@ -51,7 +51,7 @@ def _kernel(module, name, shape, axes, init):
   """
   c = module.config
   if not c.int8_weights:
-    return _param(module, name, shape, axes, init, c.jnp_param_dtype).astype(c.jnp_dtype)
+    return _param(module, name, shape, axes, init, c.jnp_param_dtype)
   reduce_axes = REDUCE_AXES[name]
   scale_shape = tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
   scale_axes = tuple(None if i in reduce_axes else a for i, a in enumerate(axes))
@@ -73,38 +73,51 @@ def _cpu() -> bool:
 def _linear(x, w, num_in: int = 1, out_dtype=None):
   """x [..., *in] times an output-major weight w [*out, *in] -> [..., *out].
 
+  The product runs in the weight's dtype (x is cast to it; a bfloat16 weight is never
+  converted to float32, which on XLA CPU would write a float32 copy of it on every call) and
+  accumulates in out_dtype (default: x's dtype). An Int8Weight goes to _linear_int8.
   One row (a batch-1 decode step) is a matrix-vector product along the weight's contiguous
-  rows. On CPU, several rows run as w [O,I] @ x^T [I,M]: with the weight as the left operand
-  XLA CPU's matmul is ~30% faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs 34.6 ms at
-  batch 16, 100 vs 118 ms for a 128-token chunk; the 262144-row vocabulary head: 44 vs
-  88 ms). The barriers keep the two small activation transposes as real copies; without
+  rows. On CPU, several rows of float32 run as w [O,I] @ x^T [I,M]: with the weight as the
+  left operand XLA CPU's matmul is ~30% faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs
+  34.6 ms at batch 16, 100 vs 118 ms for a 128-token chunk; the 262144-row vocabulary head:
+  44 vs 88 ms). The barriers keep the two small activation transposes as real copies; without
   them XLA folds the transposes into the matmul and picks the slow form again.
-  out_dtype: the accumulation and result dtype (default: the operands').
-  An Int8Weight goes to _linear_int8.
   """
   if isinstance(w, Int8Weight):
     return _linear_int8(x, w, num_in, out_dtype)
   in_shape, out_shape = w.shape[w.ndim - num_in:], w.shape[:w.ndim - num_in]
   lead = x.shape[:x.ndim - num_in]
+  out_dtype = out_dtype or x.dtype
   w2 = w.reshape(-1, math.prod(in_shape))
-  x2 = x.reshape(-1, math.prod(in_shape))
-  if x2.shape[0] == 1 or not _cpu():
-    y = jnp.einsum("MI,OI->MO", x2, w2, preferred_element_type=out_dtype)
+  x2 = x.reshape(-1, math.prod(in_shape)).astype(w.dtype)
+  if x2.shape[0] == 1 or w.dtype != jnp.float32 or not _cpu():
+    y = _dot_rows(x2, w2, out_dtype)
   else:
     y = jnp.matmul(w2, jax.lax.optimization_barrier(x2.T), preferred_element_type=out_dtype)
     y = jax.lax.optimization_barrier(y).T
   return y.reshape(*lead, *out_shape)
 
 
+def _dot_rows(x2, w2, out_dtype):
+  """x2 [M,I] times w2 [O,I] -> [M,O], written as a plain einsum.
+
+  XLA CPU hands bfloat16 and int8 products to its YNNPACK library from two rows up; a single
+  row falls back to a plain loop (the 262144-row head: 200-260 ms against 14-24 ms for two
+  rows), so on CPU one such row is padded to two. Float32 keeps its fast one-row product.
+  """
+  rows = x2.shape[0]
+  if rows == 1 and w2.dtype != jnp.float32 and _cpu():
+    x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+  return jnp.einsum("MI,OI->MO", x2, w2, preferred_element_type=out_dtype)[:rows]
+
+
 def _linear_int8(x, w: Int8Weight, num_in: int, out_dtype):
   """_linear with dynamic int8 activations: every row of x is rounded to int8 with its own
   scale (max |x| / 127), multiplied int8 x int8 -> int32, then rescaled by both scales.
 
-  XLA CPU hands int8 matmuls to its YNNPACK library, which at batch 1 reads the 4x smaller
-  weights ~2x faster than the float32 matrix-vector product, and at 16 or 128 rows multiplies
-  ~2x faster than float32 (docs/performance.md). One row would fall back to a plain loop
-  (~20x slower), so on CPU a single row is padded to two. The plain einsum form is the fast
-  one here: the weight-left form of _linear is not handed to the library.
+  On XLA CPU (YNNPACK, see _dot_rows) the 4x smaller int8 weights make a batch-1 step ~1.7x
+  faster than float32 (docs/performance.md). The plain einsum form is the one the library
+  takes; the weight-left form of _linear is not handed to it.
   """
   in_shape, out_shape = w.q.shape[w.q.ndim - num_in:], w.q.shape[:w.q.ndim - num_in]
   lead = x.shape[:x.ndim - num_in]
@@ -112,11 +125,7 @@ def _linear_int8(x, w: Int8Weight, num_in: int, out_dtype):
   amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
   x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [M,1]
   xq = jnp.round(x2 / x_scale).astype(jnp.int8)
-  rows = xq.shape[0]
-  if rows == 1 and _cpu():
-    xq = jnp.pad(xq, ((0, 1), (0, 0)))
-  acc = jnp.einsum("MI,OI->MO", xq, w.q.reshape(-1, xq.shape[1]),
-                   preferred_element_type=jnp.int32)[:rows]
+  acc = _dot_rows(xq, w.q.reshape(-1, xq.shape[1]), jnp.int32)
   y = acc.astype(jnp.float32) * x_scale * w.scale.reshape(-1)
   return y.astype(out_dtype or x.dtype).reshape(*lead, *out_shape)
 
@@ -229,10 +238,10 @@ class Embedder(nn.Module):
     c = self.config
     if c.quant == "int8_dynamic":
       return _linear(h, Int8Weight(self.embedding, self.embedding_scale), out_dtype=jnp.float32)
-    logits = _linear(h, self.embedding.astype(h.dtype), out_dtype=jnp.float32)
-    if c.int8_weights:  # per-row scales commute with the contraction over D
-      logits = logits * self.embedding_scale[:, 0]
-    return logits
+    if c.quant == "int8":  # per-row scales commute with the contraction over D
+      logits = _linear(h, self.embedding.astype(h.dtype), out_dtype=jnp.float32)
+      return logits * self.embedding_scale[:, 0]
+    return _linear(h, self.embedding, out_dtype=jnp.float32)
 
 
 class Transformer(nn.Module):
