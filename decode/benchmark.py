@@ -204,16 +204,21 @@ def throughput(config, model_config, params, tok, slots, new_tokens, sampled=Fal
   return tokens / elapsed
 
 
-def long_context(config, model_config, params, tok, contexts, max_len, steps_per_ctx):
-  """TPOT at each filled context length, same engine (same max_len, same compiled step)."""
+def long_context(config, model_config, params, tok, contexts, max_len, steps_per_ctx, rounds=2):
+  """TPOT at each filled context length, same engine (same max_len, same compiled step).
+
+  The contexts take turns for `rounds` rounds and each gets the median of all its steps:
+  this machine's speed drifts over tens of seconds, which one pass per context would
+  read as a difference between contexts.
+  """
   from decode.engine import Engine, Request
   engine = Engine(model_config, params, tok, _engine(config, 1, max_len))
-  out = {}
-  for ctx in contexts:
-    s = engine.submit(Request(_prompt(tok, ctx), steps_per_ctx + 1, stop_ids=()))
-    times = [e.time for e in s]
-    out[ctx] = float(np.median(np.diff(times)))
-  return out
+  gaps = {ctx: [] for ctx in contexts}
+  for _ in range(rounds):
+    for ctx in contexts:
+      s = engine.submit(Request(_prompt(tok, ctx), steps_per_ctx + 1, stop_ids=()))
+      gaps[ctx].extend(np.diff([e.time for e in s]))
+  return {ctx: float(np.median(g)) for ctx, g in gaps.items()}
 
 
 def variant(config, model_config, params, tok, name, new_tokens, smoke):
