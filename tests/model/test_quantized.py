@@ -19,7 +19,7 @@ from tests.model.forward import all_logits
 from tests.model.test_transformer import _decode, _forward
 
 # Measured on the 8 reference prompts x 32 tokens: int8 0.977 (max top-20 logit diff 1.07),
-# int8_dynamic 0.949 (1.93), bfloat16 0.992 (0.06).
+# int8_dynamic 0.949 (1.93), bfloat16 0.992 (0.14; bf16 activations into each matmul).
 MIN_AGREEMENT = {"int8": 0.95, "int8_dynamic": 0.92, "bfloat16": 0.97}
 
 
