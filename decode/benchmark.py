@@ -229,7 +229,7 @@ def long_context(config, model_config, params, tok, contexts, max_len, steps_per
   return {ctx: float(np.median(g)) for ctx, g in gaps.items()}
 
 
-def variant(config, model_config, params, tok, name, new_tokens, smoke):
+def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smoke):
   """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`."""
   import jax
   import jax.numpy as jnp
@@ -238,12 +238,11 @@ def variant(config, model_config, params, tok, name, new_tokens, smoke):
     vconfig = model_config.replace(param_dtype="bfloat16")
     vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   else:
-    from model.quantize import quantize_int8_jit
-    vconfig, vparams = model_config.replace(quant=name), quantize_int8_jit(params)
+    from model.quantize import with_quant
+    vconfig, vparams = with_quant(model_config, params, name)
   engine = Engine(vconfig, vparams, tok, _engine(config, 1))
-  n = 8 if smoke else 128
-  engine.warmup(prompt_lengths=[n])
-  out = latency(engine, tok, new_tokens, [n], 1 if smoke else 3)
+  engine.warmup(prompt_lengths=[prompt_len])
+  out = latency(engine, tok, new_tokens, [prompt_len], 1 if smoke else 3)
   del engine
   out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
   out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok, 2 if smoke else 16,
@@ -270,7 +269,8 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   ec = _engine(config, 1)
   cache = jax.eval_shape(lambda: init_cache(model_config, 1, ec.max_len, None, ec.cache_block))
   ctx = 128 + new_tokens // 2  # mean context of the TPOT run
-  step_bytes = weight_bytes + cache_bytes_read(cache, ctx)
+  kv_bytes = cache_bytes_read(cache, ctx)
+  step_bytes = weight_bytes + kv_bytes
   result.update(weight_bytes=weight_bytes, step_bytes=step_bytes,
                 roofline_tpot_s=step_bytes / (result["memory_bandwidth_GBps"] * 1e9),
                 num_params=model_config.num_params)
@@ -322,10 +322,9 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   ours = result.pop("greedy_ids")
   result["variants"] = {}
   for name in variants:
-    v = variant(config, model_config, params, tok, name, new_tokens, smoke)
-    v["roofline_tpot_s"] = ((v["weight_bytes"] + step_bytes - weight_bytes)
-                            / (result["memory_bandwidth_GBps"] * 1e9))
-    ttft = f"ttft_{8 if smoke else 128}_s"
+    v = variant(config, model_config, params, tok, name, new_tokens, prompt_lens[0], smoke)
+    v["roofline_tpot_s"] = (v["weight_bytes"] + kv_bytes) / (result["memory_bandwidth_GBps"] * 1e9)
+    ttft = f"ttft_{prompt_lens[0]}_s"
     v["tpot_over_float32"] = v["tpot_median_s"] / result["tpot_median_s"]
     v["ttft_over_float32"] = v[ttft] / result[ttft]
     if 16 in result["throughput_tokens_per_s"]:

@@ -42,7 +42,7 @@ class ModelConfig:
     quant: "int8" stores matmul weights and the embedding as int8 + per-channel scales and
       dequantizes them for float matmuls (weight-only); "int8_dynamic" stores the same params
       and also rounds each activation row to int8 at run time (one scale per row), so the
-      matmuls run int8 x int8 -> int32 (model/transformer.py: _linear_int8).
+      matmuls run int8 x int8 -> int32 (model/transformer.py: _matmul_int8).
   """
 
   vocab_size: int

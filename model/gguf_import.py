@@ -4,7 +4,7 @@ Layout conventions (D d_model, N query heads, K kv heads, H head_dim, F ffn, V v
 
   GGUF numpy shapes are ggml's `ne` reversed, so a linear weight arrives as (out, in), the
   same as a Hugging Face `nn.Linear.weight` and as the model stores it (output-major, see
-  model/transformer.py: _linear). Only the head axis is split out of the flat width:
+  model/transformer.py: _matmul). Only the head axis is split out of the flat width:
 
     attn_q      (N*H, D) -> q (N, H, D)        q[n, h, :] = row n*H + h
     attn_k/v    (K*H, D) -> k/v (K, H, D)

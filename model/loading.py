@@ -48,7 +48,6 @@ def load_model(model: str = "gemma3_270m", checkpoint: str | None = None, *,
   if dtype:
     config = config.replace(dtype=dtype)
   if quant != "none":
-    from model.quantize import quantize_int8_jit
-    config = config.replace(quant=quant)  # validates the name; both int8 modes store the same params
-    params = quantize_int8_jit(params)
+    from model.quantize import with_quant
+    config, params = with_quant(config, params, quant)
   return config, params, tok

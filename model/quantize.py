@@ -42,3 +42,9 @@ def quantize_int8(params: dict) -> dict:
 
 
 quantize_int8_jit = jax.jit(quantize_int8)
+
+
+def with_quant(config, params: dict, quant: str):
+  """(config, params) of the same model stored as `quant` ("int8" or "int8_dynamic"), from
+  float params. config.replace checks the name."""
+  return config.replace(quant=quant), quantize_int8_jit(params)

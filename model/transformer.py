@@ -8,7 +8,7 @@ Block (pre- and post-norm around both sublayers, as Gemma 3):
   x = x + post_attn_norm(attn(pre_attn_norm(x)))
   x = x + post_ffw_norm(mlp(pre_ffw_norm(x)))
 
-Matmul weights are stored output-major, [out..., in...], as in GGUF and torch (see _linear).
+Matmul weights are stored output-major, [out..., in...], as in GGUF and torch (see _matmul).
 
 Every parameter carries logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp,
 norm) so one rules table can shard the model (see the sharding config).
@@ -47,7 +47,7 @@ def _kernel(module, name, shape, axes, init):
   (`name_scale`, 1 along the contracted axes `REDUCE_AXES[name]`; model/quantize.py).
   quant="int8" dequantizes it here, written as convert-and-multiply right before the einsum so
   XLA can fuse it into the matmul's operand where the backend supports that (GPU/TPU; XLA CPU
-  materialises it). quant="int8_dynamic" keeps it int8 for _linear_int8.
+  materialises it). quant="int8_dynamic" keeps it int8 for _matmul_int8.
   """
   c = module.config
   if not c.int8_weights:
@@ -73,29 +73,37 @@ def _cpu() -> bool:
 def _linear(x, w, num_in: int = 1, out_dtype=None):
   """x [..., *in] times an output-major weight w [*out, *in] -> [..., *out].
 
-  The product runs in the weight's dtype (x is cast to it; a bfloat16 weight is never
-  converted to float32, which on XLA CPU would write a float32 copy of it on every call) and
-  accumulates in out_dtype (default: x's dtype). An Int8Weight goes to _linear_int8.
-  One row (a batch-1 decode step) is a matrix-vector product along the weight's contiguous
-  rows. On CPU, several rows of float32 run as w [O,I] @ x^T [I,M]: with the weight as the
-  left operand XLA CPU's matmul is ~30% faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs
-  34.6 ms at batch 16, 100 vs 118 ms for a 128-token chunk; the 262144-row vocabulary head:
-  44 vs 88 ms). The barriers keep the two small activation transposes as real copies; without
-  them XLA folds the transposes into the matmul and picks the slow form again.
+  Flattens both to 2-D and hands them to _matmul, or to _matmul_int8 for an Int8Weight.
+  out_dtype: the result dtype (default: x's dtype).
   """
+  stored = w.q if isinstance(w, Int8Weight) else w
+  in_size = math.prod(stored.shape[stored.ndim - num_in:])
+  out_shape, lead = stored.shape[:stored.ndim - num_in], x.shape[:x.ndim - num_in]
+  x2, out_dtype = x.reshape(-1, in_size), out_dtype or x.dtype
   if isinstance(w, Int8Weight):
-    return _linear_int8(x, w, num_in, out_dtype)
-  in_shape, out_shape = w.shape[w.ndim - num_in:], w.shape[:w.ndim - num_in]
-  lead = x.shape[:x.ndim - num_in]
-  out_dtype = out_dtype or x.dtype
-  w2 = w.reshape(-1, math.prod(in_shape))
-  x2 = x.reshape(-1, math.prod(in_shape)).astype(w.dtype)
-  if x2.shape[0] == 1 or w.dtype != jnp.float32 or not _cpu():
-    y = _dot_rows(x2, w2, out_dtype)
+    y = _matmul_int8(x2, w.q.reshape(-1, in_size), w.scale.reshape(-1), out_dtype)
   else:
-    y = jnp.matmul(w2, jax.lax.optimization_barrier(x2.T), preferred_element_type=out_dtype)
-    y = jax.lax.optimization_barrier(y).T
+    y = _matmul(x2, w.reshape(-1, in_size), out_dtype)
   return y.reshape(*lead, *out_shape)
+
+
+def _matmul(x2, w2, out_dtype):
+  """x2 [M,I] times w2 [O,I] -> [M,O], in the weight's dtype, accumulating in out_dtype.
+
+  x is cast to the weight's dtype: a bfloat16 weight is never converted to float32, which on
+  XLA CPU would write a float32 copy of it on every call. One row (a batch-1 decode step) is
+  a matrix-vector product along the weight's contiguous rows. On CPU, several rows of float32
+  run as w [O,I] @ x^T [I,M]: with the weight as the left operand XLA CPU's matmul is ~30%
+  faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs 34.6 ms at batch 16, 100 vs 118 ms for
+  a 128-token chunk; the 262144-row vocabulary head: 44 vs 88 ms). The barriers keep the two
+  small activation transposes as real copies; without them XLA folds the transposes into the
+  matmul and picks the slow form again.
+  """
+  x2 = x2.astype(w2.dtype)
+  if x2.shape[0] == 1 or w2.dtype != jnp.float32 or not _cpu():
+    return _dot_rows(x2, w2, out_dtype)
+  y = jnp.matmul(w2, jax.lax.optimization_barrier(x2.T), preferred_element_type=out_dtype)
+  return jax.lax.optimization_barrier(y).T
 
 
 def _dot_rows(x2, w2, out_dtype):
@@ -111,23 +119,21 @@ def _dot_rows(x2, w2, out_dtype):
   return jnp.einsum("MI,OI->MO", x2, w2, preferred_element_type=out_dtype)[:rows]
 
 
-def _linear_int8(x, w: Int8Weight, num_in: int, out_dtype):
-  """_linear with dynamic int8 activations: every row of x is rounded to int8 with its own
-  scale (max |x| / 127), multiplied int8 x int8 -> int32, then rescaled by both scales.
+def _matmul_int8(x2, q2, scale, out_dtype):
+  """x2 [M,I] times int8 q2 [O,I] with per-output-channel scale [O], with dynamic int8
+  activations: every row of x is rounded to int8 with its own scale (max |x| / 127),
+  multiplied int8 x int8 -> int32, then rescaled by both scales.
 
   On XLA CPU (YNNPACK, see _dot_rows) the 4x smaller int8 weights make a batch-1 step ~1.7x
   faster than float32 (docs/performance.md). The plain einsum form is the one the library
-  takes; the weight-left form of _linear is not handed to it.
+  takes; _matmul's weight-left form is not handed to it.
   """
-  in_shape, out_shape = w.q.shape[w.q.ndim - num_in:], w.q.shape[:w.q.ndim - num_in]
-  lead = x.shape[:x.ndim - num_in]
-  x2 = x.reshape(-1, math.prod(in_shape)).astype(jnp.float32)
+  x2 = x2.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
   x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [M,1]
   xq = jnp.round(x2 / x_scale).astype(jnp.int8)
-  acc = _dot_rows(xq, w.q.reshape(-1, xq.shape[1]), jnp.int32)
-  y = acc.astype(jnp.float32) * x_scale * w.scale.reshape(-1)
-  return y.astype(out_dtype or x.dtype).reshape(*lead, *out_shape)
+  acc = _dot_rows(xq, q2, jnp.int32)
+  return (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
 
 
 class RMSNorm(nn.Module):

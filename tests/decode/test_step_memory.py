@@ -15,7 +15,7 @@ import pytest
 from decode import steps
 from model.cache import init_cache
 from model.config import get_config
-from model.quantize import quantize_int8
+from model.quantize import with_quant
 from model.transformer import Transformer, init_params
 
 _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
@@ -34,7 +34,7 @@ def compiled(request):
   if quant == "bfloat16":
     cfg, params = cfg.replace(param_dtype=quant), jax.tree.map(lambda x: x.astype(quant), params)
   elif quant != "none":
-    cfg, params = cfg.replace(quant=quant), quantize_int8(params)
+    cfg, params = with_quant(cfg, params, quant)
   state = steps.init_state(init_cache(cfg, slots, 2048))
   model = Transformer(cfg)
   fn = jax.jit(lambda p, s: steps.decode_step(model, p, s, 0), donate_argnums=1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model import cache as cache_lib
-from model.quantize import quantize_weight, quantize_int8
+from model.quantize import quantize_int8, quantize_weight, with_quant
 from model.transformer import Int8Weight, Transformer, _linear
 from tests.model.forward import all_logits
 from tests.model.test_transformer import _decode, _forward
@@ -58,8 +58,8 @@ def test_int8_dynamic_matmul_is_the_exact_product_of_the_rounded_operands(rows):
 
 def test_int8_dynamic_decode_matches_full_forward(tiny_config, tiny_params):
   """Cached prefill + one-token decode steps equal one full forward with int8 activations."""
-  config = tiny_config.replace(quant="int8_dynamic")
-  params, model = quantize_int8(tiny_params), Transformer(config)
+  config, params = with_quant(tiny_config, tiny_params, "int8_dynamic")
+  model = Transformer(config)
   seq = np.random.RandomState(1).randint(0, config.vocab_size, 20)
   full, _ = _forward(model, params, cache_lib.init_cache(config, 1, 64, block=4), seq, 0, len(seq), 0)
   cache = cache_lib.init_cache(config, 2, 64, block=4)
@@ -98,7 +98,7 @@ def _quality(config, params, reference):
 def test_low_precision_greedy_agreement(kind, gemma_gguf, reference):
   config, params, _ = gemma_gguf
   if kind.startswith("int8"):
-    config, params = config.replace(quant=kind), quantize_int8(params)
+    config, params = with_quant(config, params, kind)
   else:
     config = config.replace(param_dtype="bfloat16")
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
