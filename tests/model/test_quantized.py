@@ -72,10 +72,12 @@ def test_int8_dynamic_decode_matches_full_forward(tiny_config, tiny_params):
     logits, cache = _decode(model, params, cache, tokens, jnp.array([[False], [True]]))
     got.append(np.asarray(logits[1]))
   np.testing.assert_allclose(np.stack(got), full, atol=1e-4, rtol=1e-4)
-  # And the int8 activations are in use: the float model's logits differ.
-  float_logits, _ = _forward(Transformer(tiny_config), tiny_params,
-                             cache_lib.init_cache(tiny_config, 1, 64, block=4), seq, 0, len(seq), 0)
-  assert np.abs(np.asarray(float_logits) - full).max() > 1e-4
+  # And the int8 activations are in use: weight-only int8 (same weights, float activations)
+  # gives other logits.
+  wo_config, wo_params = with_quant(tiny_config, tiny_params, "int8")
+  weight_only, _ = _forward(Transformer(wo_config), wo_params,
+                            cache_lib.init_cache(wo_config, 1, 64, block=4), seq, 0, len(seq), 0)
+  assert np.abs(np.asarray(weight_only) - full).max() > 1e-4
 
 
 def _quality(config, params, reference):
