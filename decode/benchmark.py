@@ -276,6 +276,8 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
                 num_params=model_config.num_params)
 
   engine = Engine(model_config, params, tok, ec)
+  # "auto" holds the table [D,V] for this one-slot engine on CPU (EngineConfig).
+  result["embedding_layout"] = "DV" if engine.config.embedding_transposed else "VD"
   before = compile_count()
   t = time.perf_counter()
   # Seconds per program. Compile times only when the persistent compilation cache is off
@@ -346,6 +348,7 @@ _TABLE = [
     ("memory bandwidth", "memory_bandwidth_GBps", "{:.1f} GB/s"),
     ("matmul", "matmul_GFLOPs", "{:.0f} GFLOP/s"),
     ("bytes per decode step", "step_bytes", "{:.3e} B"),
+    ("embedding layout, one-slot engine", "embedding_layout", "{}"),
     ("roofline TPOT", "roofline_tpot_s", "{:.4f} s"),
     ("TPOT median", "tpot_median_s", "{:.4f} s"),
     ("TPOT p90", "tpot_p90_s", "{:.4f} s"),

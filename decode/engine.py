@@ -35,7 +35,7 @@ from model.cache import init_cache
 from model.config import ModelConfig
 from model.sharding import ShardingPlan
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer
+from model.transformer import Transformer, transpose_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,21 @@ class EngineConfig:
   cache_block: int = 256
   top_logprobs: int = 0  # n of the top-n logprobs every step returns (0: none)
   max_bias: int = 16  # logit_bias entries per request
+  # How the tied embedding / head is held: "VD" as stored, "DV" transposed, or "auto": DV
+  # for a one-slot engine with float32 weights on one CPU device, whose one-row head reads
+  # [D,V] faster; VD everywhere else (model/transformer.py: transpose_embedding).
+  embedding_layout: str = "auto"
+
+  def __post_init__(self):
+    if self.embedding_layout not in ("auto", "VD", "DV"):
+      raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected auto, VD or DV")
+
+  def transposed_embedding(self, config: ModelConfig, sharded: bool) -> bool:
+    """Whether the engine holds the embedding [D,V] (resolves "auto")."""
+    if self.embedding_layout != "auto":
+      return self.embedding_layout == "DV"
+    return (self.num_slots == 1 and not sharded and config.quant == "none"
+            and config.param_dtype == "float32" and jax.default_backend() == "cpu")
 
   def bucket(self, n: int) -> int:
     """Smallest bucket holding n tokens (the largest one for longer remainders)."""
@@ -235,8 +250,11 @@ class Engine:
                plan: ShardingPlan | None = None):
     """plan: None runs on the default device; a ShardingPlan places params and state on
     its mesh by its rules and compiles the steps with those shardings (model/sharding.py)."""
+    ec = engine_config
+    config, params = transpose_embedding(
+        config, params, ec.transposed_embedding(config, sharded=plan is not None))
     self.config, self.params, self.tokenizer = config, params, tokenizer
-    self.engine_config = ec = engine_config
+    self.engine_config = ec
     if max(ec.prefill_buckets) > ec.max_len:
       raise ValueError(f"largest prefill bucket {max(ec.prefill_buckets)} exceeds max_len {ec.max_len}")
     if tokenizer.vocab_size > config.vocab_size:

@@ -43,6 +43,10 @@ class ModelConfig:
       dequantizes them for float matmuls (weight-only); "int8_dynamic" stores the same params
       and also rounds each activation row to int8 at run time (one scale per row), so the
       matmuls run int8 x int8 -> int32 (model/transformer.py: _matmul_int8).
+    embedding_transposed: the tied embedding is held input-major, [D,V], instead of [V,D].
+      A run-time layout (model/transformer.py: transpose_embedding), chosen per compiled
+      program set: XLA CPU's one-row head reads a [D,V] weight ~25% faster, while several
+      rows and the lookups are faster from [V,D] (docs/performance.md). Float storage only.
   """
 
   vocab_size: int
@@ -62,10 +66,14 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   quant: str = "none"  # "none", "int8" or "int8_dynamic" (model/quantize.py)
+  embedding_transposed: bool = False
 
   def __post_init__(self):
     if self.quant not in QUANT_MODES:
       raise ValueError(f"quant={self.quant!r}; expected one of {QUANT_MODES}")
+    if self.embedding_transposed and self.int8_weights:
+      raise ValueError(f"embedding_transposed needs float storage; quant={self.quant!r} keeps "
+                       "the embedding [V,D] with one scale per vocabulary row")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")

@@ -106,8 +106,8 @@ def _matmul(x2, w2, out_dtype):
   return jax.lax.optimization_barrier(y).T
 
 
-def _dot_rows(x2, w2, out_dtype):
-  """x2 [M,I] times w2 [O,I] -> [M,O], written as a plain einsum.
+def _dot_rows(x2, w2, out_dtype, input_major: bool = False):
+  """x2 [M,I] times w2 [O,I] (or [I,O] if input_major) -> [M,O], written as a plain einsum.
 
   XLA CPU hands bfloat16 and int8 products to its YNNPACK library from two rows up; a single
   row falls back to a plain loop (the 262144-row head: 200-260 ms against 14-24 ms for two
@@ -116,7 +116,8 @@ def _dot_rows(x2, w2, out_dtype):
   rows = x2.shape[0]
   if rows == 1 and w2.dtype != jnp.float32 and _cpu():
     x2 = jnp.pad(x2, ((0, 1), (0, 0)))
-  return jnp.einsum("MI,OI->MO", x2, w2, preferred_element_type=out_dtype)[:rows]
+  spec = "MI,IO->MO" if input_major else "MI,OI->MO"
+  return jnp.einsum(spec, x2, w2, preferred_element_type=out_dtype)[:rows]
 
 
 def _matmul_int8(x2, q2, scale, out_dtype):
@@ -218,12 +219,17 @@ class Block(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token embedding, scaled by sqrt(D) on the way in, and tied to the output head."""
+  """Token embedding, scaled by sqrt(D) on the way in, and tied to the output head.
+
+  Held [V,D], or [D,V] with config.embedding_transposed (see transpose_embedding).
+  """
   config: ModelConfig
 
   def setup(self):
     c = self.config
     shape, axes = (c.vocab_size, c.d_model), ("vocab", "embed")
+    if c.embedding_transposed:
+      shape, axes = shape[::-1], axes[::-1]
     if c.int8_weights:  # one scale per vocabulary row: per output channel of the head
       self.embedding = _param(self, "embedding", shape, axes, nn.initializers.zeros, jnp.int8)
       self.embedding_scale = _param(self, "embedding_scale", (c.vocab_size, 1), ("vocab", None),
@@ -234,20 +240,41 @@ class Embedder(nn.Module):
 
   def encode(self, tokens):
     c = self.config
-    x = jnp.take(self.embedding, tokens, axis=0).astype(c.jnp_dtype)
+    if c.embedding_transposed:  # a column per token: [D, *tokens.shape] -> [*tokens.shape, D]
+      x = jnp.moveaxis(jnp.take(self.embedding, tokens, axis=1), 0, -1).astype(c.jnp_dtype)
+    else:
+      x = jnp.take(self.embedding, tokens, axis=0).astype(c.jnp_dtype)
     if c.int8_weights:
       x = x * jnp.take(self.embedding_scale, tokens, axis=0).astype(c.jnp_dtype)
     return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
 
   def decode(self, h):
-    """Logits [..., V] in float32: the tied head is an output-major [V, D] weight."""
+    """Logits [..., V] in float32: the tied head is the [V,D] embedding (or its [D,V] form)."""
     c = self.config
+    if c.embedding_transposed:
+      w, lead = self.embedding, h.shape[:-1]
+      h2 = h.reshape(-1, c.d_model).astype(w.dtype)
+      return _dot_rows(h2, w, jnp.float32, input_major=True).reshape(*lead, c.vocab_size)
     if c.quant == "int8_dynamic":
       return _linear(h, Int8Weight(self.embedding, self.embedding_scale), out_dtype=jnp.float32)
     if c.quant == "int8":  # per-row scales commute with the contraction over D
       logits = _linear(h, self.embedding.astype(h.dtype), out_dtype=jnp.float32)
       return logits * self.embedding_scale[:, 0]
     return _linear(h, self.embedding, out_dtype=jnp.float32)
+
+
+def transpose_embedding(config: ModelConfig, params: dict, transposed: bool = True):
+  """(config, params) with the embedding held [D,V] (transposed=True) or [V,D].
+
+  A layout for the hardware, not a different model: the logits are the same. On XLA CPU a
+  one-row head (a one-slot decode step, the last prompt row of a prefill) is a
+  vector-times-matrix product, which streams a [D,V] weight ~25% faster (Gemma 3 270M's
+  head: 21-23 vs 29-30 ms); from two rows up [V,D] is faster (16 rows: 61 vs 78 ms).
+  """
+  if config.embedding_transposed == transposed:
+    return config, params
+  embedder = dict(params["embedder"], embedding=params["embedder"]["embedding"].T)
+  return (config.replace(embedding_transposed=transposed), dict(params, embedder=embedder))
 
 
 class Transformer(nn.Module):

@@ -23,6 +23,7 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert result["stream_equals_fused"] is True
   assert result["memory_bandwidth_GBps"] > 0.1 and result["matmul_GFLOPs"] > 0.1
   assert result["step_bytes"] > result["weight_bytes"] > 0
+  assert result["embedding_layout"] == "DV"  # the one-slot float32 engine on CPU
   assert set(result["throughput_tokens_per_s"]) == {"1", "4"}
   assert list(result["throughput_sampled_tokens_per_s"]) == ["4"]
   assert result["throughput_sampled_tokens_per_s"]["4"] > 0

@@ -59,6 +59,27 @@ def test_stream_equals_fused_while_loop(engine, tiny_config, tiny_params, tiny_t
     assert toks == [firsts[slot]] + np.asarray(packed[:, slot, 0]).astype(int).tolist()
 
 
+def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
+  """"auto" holds the embedding [D,V] for one float32 slot on CPU and [V,D] for several; an
+  explicit layout wins, and the layout never changes the tokens."""
+  def run(num_slots, layout):
+    ec = EngineConfig(num_slots=num_slots, max_len=64, prefill_buckets=(8, 32), cache_block=8,
+                      embedding_layout=layout)
+    engine = Engine(tiny_config, tiny_params, tiny_tok, ec)
+    streams = [engine.submit(_request(tiny_tok, p, 8, **kw)) for p, kw in zip(PROMPTS, MIXED)]
+    engine.run_until_done()
+    return engine.config.embedding_transposed, [_tokens(s) for s in streams]
+
+  transposed, auto_one = run(1, "auto")
+  assert transposed == (jax.default_backend() == "cpu")
+  assert run(4, "auto")[0] is False
+  assert run(1, "DV") == (True, auto_one)
+  assert run(1, "VD") == (False, auto_one)
+  assert run(4, "DV") == (True, run(4, "VD")[1])
+  with pytest.raises(ValueError, match="embedding_layout"):
+    EngineConfig(embedding_layout="dv")
+
+
 @pytest.mark.parametrize("commit_params", [False, True])
 def test_no_compiles_after_warmup(tiny_config, tiny_params, tiny_tok, commit_params):
   # A fresh engine with shapes no other test uses: jit caches are per function, so an engine

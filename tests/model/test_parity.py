@@ -18,10 +18,14 @@ def gemma(gemma_gguf):
   return config, jax.device_put(params)
 
 
-@pytest.fixture(scope="module")
-def engine(gemma, gemma_tokenizer):
+@pytest.fixture(scope="module", params=[(2, "VD"), (1, "DV")], ids=["2_slots_VD", "1_slot_DV"])
+def engine(gemma, gemma_tokenizer, request):
+  """Both layouts of the tied embedding: [V,D] as stored, and the [D,V] a one-slot engine
+  holds on CPU (its lookup and its one-row head read the table differently)."""
   config, params = gemma
-  ec = EngineConfig(num_slots=2, max_len=768, prefill_buckets=(32, 128, 512), cache_block=256)
+  slots, layout = request.param
+  ec = EngineConfig(num_slots=slots, max_len=768, prefill_buckets=(32, 128, 512),
+                    cache_block=256, embedding_layout=layout)
   return Engine(config, params, gemma_tokenizer, ec)
 
 

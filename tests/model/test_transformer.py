@@ -7,7 +7,7 @@ import pytest
 
 from model import cache as cache_lib
 from model.config import PRESETS, get_config
-from model.transformer import Transformer, init_params, logical_axes
+from model.transformer import Transformer, init_params, logical_axes, transpose_embedding
 from tests.model import naive
 
 
@@ -63,6 +63,30 @@ def test_prefill_then_decode_matches_at_every_position(tiny_config, tiny_params,
     got[pos] = np.asarray(logits[2])
   np.testing.assert_allclose(np.stack([got[i] for i in range(len(seq))]), ref, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(cache.lengths), [0, 0, len(seq)])
+
+
+def test_transposed_embedding_is_the_same_model(tiny_config, tiny_params, seq):
+  """The [D,V] layout changes how the lookup and the head read the table, not the logits:
+  prefill rows, a one-row decode step and a three-row decode step all match [V,D]."""
+  cfg_t, params_t = transpose_embedding(tiny_config, tiny_params)
+  assert params_t["embedder"]["embedding"].shape == (tiny_config.d_model, tiny_config.vocab_size)
+  assert tuple(logical_axes(cfg_t)["embedder"]["embedding"]) == ("embed", "vocab")
+  assert transpose_embedding(cfg_t, params_t, False)[0] == tiny_config
+  for slots in (1, 3):
+    out = []
+    for cfg, params in ((tiny_config, tiny_params), (cfg_t, params_t)):
+      model = Transformer(cfg)
+      cache = cache_lib.init_cache(cfg, slots, 64, block=4)
+      logits, cache = _forward(model, params, cache, seq[:16], 0, 12, 0)
+      steps = [logits[:12]]
+      for pos in range(12, 16):
+        tokens = jnp.full((slots, 1), int(seq[pos]), jnp.int32)
+        logits, cache = _decode(model, params, cache, tokens, jnp.ones((slots, 1), bool))
+        steps.append(logits[:1])
+      out.append(np.concatenate(steps))
+    np.testing.assert_allclose(out[1], out[0], atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="float storage"):
+    cfg_t.replace(quant="int8")
 
 
 def test_padding_does_not_change_logits(tiny_config, tiny_params, seq):
