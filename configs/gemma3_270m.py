@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.prefill_buckets = (32, 64, 128, 256, 512)
   c.engine.cache_block = 256
   c.engine.top_logprobs = 0
-  c.engine.embedding_layout = "auto"  # VD | DV | auto: DV (faster one-row head) for 1 float32 slot on CPU
+  c.engine.embedding_layout = "auto"  # VD | DV | auto (DV for one float32 slot on CPU)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 0.0

@@ -9,8 +9,9 @@ Data path for one request:
 Pipelining: `Engine.step()` dispatches decode step t+1 *before* it reads step t's output, so
 the device computes the next token while Python detokenizes the previous one. Step t+1's
 input tokens are step t's output still on device; the host never feeds tokens back.
-A slot whose request has just finished may therefore compute one extra token; it is
-discarded, and the slot's next prefill resets it.
+A slot whose request has just stopped (EOS, stop string) may therefore compute one extra
+token; it is discarded, and the slot's next prefill resets it. A request that ends at
+max_new_tokens is known to end, and gets no extra step.
 
 Several streams share one engine. Iterating any of them drives `step()`, which advances all
 slots, so every stream makes progress. `step()` is guarded by a lock: one thread at a time.
@@ -381,7 +382,11 @@ class Engine:
       previous = self._inflight
       self._inflight = None
       prefilling = self._prefilling and self._prefilling[0]
-      decoding = [(slot, s) for slot, s in self._slots.items() if s is not prefilling]
+      # Every other stream has one token in flight. One whose in-flight token is its last
+      # (max_new_tokens) needs no further step: dispatching one anyway would make the next
+      # prompt's prefill queue behind a step whose token is thrown away.
+      decoding = [(slot, s) for slot, s in self._slots.items()
+                  if s is not prefilling and s.num_tokens + 1 < s.request.max_new_tokens]
       if decoding:  # dispatch step t+1 before reading step t
         self.state, packed = self._decode(self.model, self.params, self.state,
                                           self.engine_config.top_logprobs)

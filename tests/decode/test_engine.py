@@ -59,6 +59,24 @@ def test_stream_equals_fused_while_loop(engine, tiny_config, tiny_params, tiny_t
     assert toks == [firsts[slot]] + np.asarray(packed[:, slot, 0]).astype(int).tolist()
 
 
+def test_no_decode_step_past_max_new_tokens(tiny_config, tiny_params, tiny_tok):
+  """A request ending at max_new_tokens gets exactly max_new_tokens - 1 decode steps (the
+  first token comes from prefill): a step for a token nobody reads would delay the next
+  prompt's prefill by a whole step."""
+  ec = EngineConfig(num_slots=2, max_len=64, prefill_buckets=(8, 32), cache_block=8)
+  engine = Engine(tiny_config, tiny_params, tiny_tok, ec)
+  for n in (1, 2, 5):
+    before = engine.steps_run
+    assert len(_tokens(engine.submit(_request(tiny_tok, "The quick", n)))) == n
+    assert engine.steps_run - before == n - 1
+  before = engine.steps_run
+  # Short prompts, so both are prefilled in the first step.
+  streams = [engine.submit(_request(tiny_tok, p, n)) for p, n in (("The quick", 3), ("a b", 7))]
+  engine.run_until_done()
+  assert [s.num_tokens for s in streams] == [3, 7]
+  assert engine.steps_run - before == 6
+
+
 def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
   """"auto" holds the embedding [D,V] for one float32 slot on CPU and [V,D] for several; an
   explicit layout wins, and the layout never changes the tokens."""
