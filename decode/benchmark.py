@@ -19,9 +19,10 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     filled by one real prefill of a repeated prompt.
   * compile time per program (its first call in warm-up), compiles after warm-up (counted),
     peak RSS.
-  * the same weights stored another way (`--variants`, default int8_dynamic; also int8 and
-    bfloat16): TTFT 128, batch-1 TPOT and 16-slot throughput, each also as a ratio to the
-    float32 figure of the same run, since between runs this machine drifts more than the gap.
+  * the same weights stored another way (`--variants`, default int8_dynamic; also int8,
+    bfloat16, and float32_VD, the one-slot engine's embedding held as stored): TTFT 128,
+    batch-1 TPOT and 16-slot throughput, each also as a ratio to the float32 figure of the
+    same run, since between runs this machine drifts more than the gap.
 
 The top level of the JSON holds the ratios other tools read: tpot_over_roofline,
 stream_over_fused, throughput16_over_compute_roofline, tpot_ctx8192_over_ctx256,
@@ -30,6 +31,7 @@ compiles_after_warmup.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -46,7 +48,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens per latency run.")
 _SLOTS = flags.DEFINE_list("slots", ["1", "4", "16", "32"], "Slot counts for throughput.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["int8_dynamic"],
-    "Storage variants measured against float32 in the same run: int8_dynamic, int8, bfloat16.")
+    "Storage variants measured against float32 in the same run: int8_dynamic, int8, "
+    "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
 
 
@@ -230,23 +233,33 @@ def long_context(config, model_config, params, tok, contexts, max_len, steps_per
 
 
 def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smoke):
-  """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`."""
+  """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`.
+
+  float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
+  instead of "auto"'s [D,V]: the same run's before/after of that layout (TTFT and TPOT only;
+  several slots hold [V,D] anyway).
+  """
   import jax
   import jax.numpy as jnp
   from decode.engine import Engine
-  if name == "bfloat16":
+  layout = "auto"
+  if name == "float32_VD":
+    vconfig, vparams, layout = model_config, params, "VD"
+  elif name == "bfloat16":
     vconfig = model_config.replace(param_dtype="bfloat16")
     vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   else:
     from model.quantize import with_quant
     vconfig, vparams = with_quant(model_config, params, name)
-  engine = Engine(vconfig, vparams, tok, _engine(config, 1))
+  ec = dataclasses.replace(_engine(config, 1), embedding_layout=layout)
+  engine = Engine(vconfig, vparams, tok, ec)
   engine.warmup(prompt_lengths=[prompt_len])
   out = latency(engine, tok, new_tokens, [prompt_len], 1 if smoke else 3)
   del engine
   out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
-  out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok, 2 if smoke else 16,
-                                                8 if smoke else 64)
+  if layout == "auto":
+    out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok,
+                                                  2 if smoke else 16, 8 if smoke else 64)
   return out
 
 
@@ -329,7 +342,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
     ttft = f"ttft_{prompt_lens[0]}_s"
     v["tpot_over_float32"] = v["tpot_median_s"] / result["tpot_median_s"]
     v["ttft_over_float32"] = v[ttft] / result[ttft]
-    if 16 in result["throughput_tokens_per_s"]:
+    if 16 in result["throughput_tokens_per_s"] and "throughput16_tokens_per_s" in v:
       v["throughput16_over_float32"] = v["throughput16_tokens_per_s"] / t16
     result["variants"][name] = v
   if peer:

@@ -13,7 +13,8 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "decode.benchmark", "--config=configs/tiny.py", "--smoke",
-       "--slots=1,4", "--variants=int8_dynamic", f"--out={out}"], capture_output=True, text=True, timeout=300)
+       "--slots=1,4", "--variants=int8_dynamic,float32_VD", f"--out={out}"],
+      capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "TPOT / roofline" in proc.stdout
   result = json.loads(out.read_text())
@@ -39,3 +40,6 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert 0 < v["roofline_tpot_s"] < result["roofline_tpot_s"]
   assert v["tpot_over_float32"] > 0 and v["ttft_over_float32"] > 0
   assert v["throughput16_tokens_per_s"] > 0
+  vd = result["variants"]["float32_VD"]  # same weights, the one-slot engine's table as stored
+  assert vd["weight_bytes"] == result["weight_bytes"] and vd["tpot_over_float32"] > 0
+  assert "throughput16_tokens_per_s" not in vd
