@@ -174,7 +174,8 @@ def _worker_tiny(out_dir: Path):
   # which the tensor-parallel plans split across devices.
   from model.quantize import with_quant
   qconfig, qparams = with_quant(config, params, "int8_dynamic")
-  for label, preset, overrides in [("reference", None, None)] + TINY_PLANS[1:2] + TINY_PLANS[3:4]:
+  int8_plans = [p for p in TINY_PLANS if p[0] in ("tensor_parallel", "tensor_data_4x2")]
+  for label, preset, overrides in [("reference", None, None)] + int8_plans:
     plan = None if preset is None else ShardingPlan.create(get_sharding(preset, **overrides))
     key = f"int8_dynamic:{label}"
     runs[key], logits[key] = _run_plan(key, plan, qconfig, qparams, tok, ec, requests,
