@@ -20,7 +20,8 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
   * compile time per program (its first call in warm-up), compiles after warm-up (counted),
     peak RSS.
   * the same weights stored another way (`--variants`, default int8_dynamic; also int8,
-    bfloat16, and float32_VD, the one-slot engine's embedding held as stored): TTFT 128,
+    bfloat16, float32_VD, the one-slot engine's embedding held as stored, and
+    int8_dynamic_xla, int8_dynamic without the native few-row kernel): TTFT 128,
     batch-1 TPOT and 16-slot throughput, each also as a ratio to the float32 figure of the
     same run, since between runs this machine drifts more than the gap.
 
@@ -49,7 +50,8 @@ _SLOTS = flags.DEFINE_list("slots", ["1", "4", "16", "32"], "Slot counts for thr
 _VARIANTS = flags.DEFINE_list(
     "variants", ["int8_dynamic"],
     "Storage variants measured against float32 in the same run: int8_dynamic, int8, "
-    "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored).")
+    "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored), "
+    "int8_dynamic_xla (int8_dynamic with XLA's product instead of the native kernel).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
 
 
@@ -237,27 +239,32 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
 
   float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
   instead of "auto"'s [D,V]: the same run's before/after of that layout (TTFT and TPOT only;
-  several slots hold [V,D] anyway).
+  several slots hold [V,D] anyway). int8_dynamic_xla is int8_dynamic with every product in
+  XLA's dot instead of the native kernel "auto" picks on CPU: that kernel's before/after
+  (TTFT and TPOT only; from 5 rows up both use XLA's).
   """
   import jax
   import jax.numpy as jnp
   from decode.engine import Engine
-  layout = "auto"
+  ec = _engine(config, 1)
   if name == "float32_VD":
-    vconfig, vparams, layout = model_config, params, "VD"
+    vconfig, vparams = model_config, params
+    ec = dataclasses.replace(ec, embedding_layout="VD")
   elif name == "bfloat16":
     vconfig = model_config.replace(param_dtype="bfloat16")
     vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   else:
     from model.quantize import with_quant
-    vconfig, vparams = with_quant(model_config, params, name)
-  ec = dataclasses.replace(_engine(config, 1), embedding_layout=layout)
+    vconfig, vparams = with_quant(model_config, params, name.removesuffix("_xla"))
+    if name.endswith("_xla"):
+      ec = dataclasses.replace(ec, int8_kernel="xla")
   engine = Engine(vconfig, vparams, tok, ec)
   engine.warmup(prompt_lengths=[prompt_len])
   out = latency(engine, tok, new_tokens, [prompt_len], 1 if smoke else 3)
+  out["int8_kernel"] = engine.config.int8_kernel
   del engine
   out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
-  if layout == "auto":
+  if name in ("bfloat16", "int8", "int8_dynamic"):
     out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok,
                                                   2 if smoke else 16, 8 if smoke else 64)
   return out

@@ -32,6 +32,7 @@ import numpy as np
 from decode import sampling, steps
 from decode.detokenize import IncrementalDetokenizer
 from decode.stops import StopMatcher
+from model import int8_kernel
 from model.cache import init_cache
 from model.config import ModelConfig
 from model.sharding import ShardingPlan
@@ -52,10 +53,16 @@ class EngineConfig:
   # for a one-slot engine with float32 weights on one CPU device, whose one-row head reads
   # [D,V] faster; VD everywhere else (model/transformer.py: transpose_embedding).
   embedding_layout: str = "auto"
+  # Who multiplies int8_dynamic's few-row products: "native" (model/int8_kernel.py), "xla",
+  # or "auto": native when the model is int8_dynamic on one CPU device and the kernel
+  # builds here, xla otherwise.
+  int8_kernel: str = "auto"
 
   def __post_init__(self):
     if self.embedding_layout not in ("auto", "VD", "DV"):
       raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected auto, VD or DV")
+    if self.int8_kernel not in ("auto", "native", "xla"):
+      raise ValueError(f"int8_kernel={self.int8_kernel!r}; expected auto, native or xla")
 
   def transposed_embedding(self, config: ModelConfig, sharded: bool) -> bool:
     """Whether the engine holds the embedding [D,V] (resolves "auto")."""
@@ -63,6 +70,18 @@ class EngineConfig:
       return self.embedding_layout == "DV"
     return (self.num_slots == 1 and not sharded and config.quant == "none"
             and config.param_dtype == "float32" and jax.default_backend() == "cpu")
+
+  def native_int8(self, config: ModelConfig, sharded: bool) -> bool:
+    """Whether the engine's int8 products go to the native kernel (resolves "auto")."""
+    if self.int8_kernel == "xla" or config.quant != "int8_dynamic":
+      return False
+    if self.int8_kernel == "native":
+      reason = int8_kernel.unavailable_reason()
+      if sharded or reason:
+        raise ValueError("int8_kernel='native' needs one CPU device and a kernel that builds: "
+                         + ("the engine is sharded" if sharded else reason))
+      return True
+    return not sharded and int8_kernel.available()
 
   def bucket(self, n: int) -> int:
     """Smallest bucket holding n tokens (the largest one for longer remainders)."""
@@ -252,8 +271,9 @@ class Engine:
     """plan: None runs on the default device; a ShardingPlan places params and state on
     its mesh by its rules and compiles the steps with those shardings (model/sharding.py)."""
     ec = engine_config
-    config, params = transpose_embedding(
-        config, params, ec.transposed_embedding(config, sharded=plan is not None))
+    sharded = plan is not None
+    config, params = transpose_embedding(config, params, ec.transposed_embedding(config, sharded))
+    config = config.replace(int8_kernel=ec.native_int8(config, sharded))
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.engine_config = ec
     if max(ec.prefill_buckets) > ec.max_len:

@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+from model import int8_kernel
+
 RATIOS = ("tpot_over_roofline", "stream_over_fused", "throughput16_over_compute_roofline",
           "tpot_ctx8192_over_ctx256", "compiles_after_warmup")
 
@@ -13,7 +15,7 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "decode.benchmark", "--config=configs/tiny.py", "--smoke",
-       "--slots=1,4", "--variants=int8_dynamic,float32_VD", f"--out={out}"],
+       "--slots=1,4", "--variants=int8_dynamic,float32_VD,int8_dynamic_xla", f"--out={out}"],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "TPOT / roofline" in proc.stdout
@@ -40,6 +42,10 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert 0 < v["roofline_tpot_s"] < result["roofline_tpot_s"]
   assert v["tpot_over_float32"] > 0 and v["ttft_over_float32"] > 0
   assert v["throughput16_tokens_per_s"] > 0
+  assert v["int8_kernel"] == int8_kernel.available()  # "auto": native where it builds
+  xla = result["variants"]["int8_dynamic_xla"]  # the same model with XLA's products
+  assert xla["int8_kernel"] is False and xla["weight_bytes"] == v["weight_bytes"]
+  assert "throughput16_tokens_per_s" not in xla
   vd = result["variants"]["float32_VD"]  # same weights, the one-slot engine's table as stored
   assert vd["weight_bytes"] == result["weight_bytes"] and vd["tpot_over_float32"] > 0
   assert "throughput16_tokens_per_s" not in vd

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from decode import steps
+from model import int8_kernel
 from model.cache import init_cache
 from model.config import get_config
 from model.quantize import with_quant
@@ -22,14 +23,16 @@ _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 
 
 @pytest.fixture(scope="module", params=[(1, "none"), (4, "none"), (1, "int8_dynamic"),
-                                        (4, "int8_dynamic"), (1, "bfloat16"), (4, "bfloat16"),
+                                        (4, "int8_dynamic"), (1, "int8_native"),
+                                        (4, "int8_native"), (1, "bfloat16"), (4, "bfloat16"),
                                         (1, "DV"), (4, "DV")],
                 ids=lambda p: f"{p[0]}_slots_{p[1]}")
 def compiled(request):
   """One slot takes the matrix-vector path of every matmul, several the weight-left one;
   int8_dynamic and bfloat16 weights must be multiplied as stored, never as a float32 copy.
   DV holds the embedding [D,V] (the one-slot engine's layout on CPU): the lookup and the head
-  must read it as it is, not through a [V,D] copy."""
+  must read it as it is, not through a [V,D] copy. int8_native is int8_dynamic with the
+  few-row products in the native kernel (model/int8_kernel.py)."""
   slots, quant = request.param
   cfg = get_config("gemma3_270m", num_layers=2, global_every=2, vocab_size=4096)
   params = init_params(cfg, jax.random.key(0))
@@ -38,6 +41,11 @@ def compiled(request):
     cfg, params = cfg.replace(param_dtype=quant), jax.tree.map(lambda x: x.astype(quant), params)
   elif quant == "DV":
     cfg, params = transpose_embedding(cfg, params)
+  elif quant == "int8_native":
+    if not int8_kernel.available():
+      pytest.skip(f"native int8 kernel: {int8_kernel.unavailable_reason()}")
+    cfg, params = with_quant(cfg, params, "int8_dynamic")
+    cfg = cfg.replace(int8_kernel=True)
   elif quant != "none":
     cfg, params = with_quant(cfg, params, quant)
   state = steps.init_state(init_cache(cfg, slots, 2048))
