@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.cache_block = 256
   c.engine.top_logprobs = 0
   c.engine.embedding_layout = "auto"  # VD | DV | auto (DV for one float32 slot on CPU)
-  c.engine.int8_kernel = "auto"  # native | xla | auto (native for int8_dynamic on one CPU)
+  c.engine.native_kernels = "auto"  # on | off | auto (on for one CPU device where they build)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 0.0

@@ -21,7 +21,7 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     peak RSS.
   * the same weights stored another way (`--variants`, default int8_dynamic; also int8,
     bfloat16, float32_VD, the one-slot engine's embedding held as stored, and
-    int8_dynamic_xla, int8_dynamic without the native few-row kernel): TTFT 128,
+    float32_xla / int8_dynamic_xla, without the native CPU kernels): TTFT 128,
     batch-1 TPOT and 16-slot throughput, each also as a ratio to the float32 figure of the
     same run, since between runs this machine drifts more than the gap.
 
@@ -51,7 +51,7 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["int8_dynamic"],
     "Storage variants measured against float32 in the same run: int8_dynamic, int8, "
     "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored), "
-    "int8_dynamic_xla (int8_dynamic with XLA's product instead of the native kernel).")
+    "float32_xla and int8_dynamic_xla (without the native CPU kernels of model/native.py).")
 _PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
 
 
@@ -239,32 +239,34 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
 
   float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
   instead of "auto"'s [D,V]: the same run's before/after of that layout (TTFT and TPOT only;
-  several slots hold [V,D] anyway). int8_dynamic_xla is int8_dynamic with every product in
-  XLA's dot instead of the native kernel "auto" picks on CPU: that kernel's before/after
-  (TTFT and TPOT only; from 5 rows up both use XLA's).
+  several slots hold [V,D] anyway). A name ending in _xla is that storage with the native
+  CPU kernels off (model/native.py), which "auto" turns on for these one-slot engines on
+  CPU: the kernels' before/after in the same run (TTFT and TPOT only).
   """
   import jax
   import jax.numpy as jnp
   from decode.engine import Engine
-  ec = _engine(config, 1)
-  if name == "float32_VD":
+  ec = dataclasses.replace(_engine(config, 1), embedding_layout="auto")
+  many_slots = not name.endswith("_xla")  # also 16 slots (the one-slot settings would not apply)
+  if name.endswith("_xla"):
+    ec, name = dataclasses.replace(ec, native_kernels="off"), name.removesuffix("_xla")
+  if name in ("float32", "float32_VD"):
     vconfig, vparams = model_config, params
-    ec = dataclasses.replace(ec, embedding_layout="VD")
+    if name == "float32_VD":
+      ec, many_slots = dataclasses.replace(ec, embedding_layout="VD"), False
   elif name == "bfloat16":
     vconfig = model_config.replace(param_dtype="bfloat16")
     vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   else:
     from model.quantize import with_quant
-    vconfig, vparams = with_quant(model_config, params, name.removesuffix("_xla"))
-    if name.endswith("_xla"):
-      ec = dataclasses.replace(ec, int8_kernel="xla")
+    vconfig, vparams = with_quant(model_config, params, name)
   engine = Engine(vconfig, vparams, tok, ec)
   engine.warmup(prompt_lengths=[prompt_len])
   out = latency(engine, tok, new_tokens, [prompt_len], 1 if smoke else 3)
-  out["int8_kernel"] = engine.config.int8_kernel
+  out["native_kernels"] = engine.config.native_kernels
   del engine
   out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
-  if name in ("bfloat16", "int8", "int8_dynamic"):
+  if many_slots:
     out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok,
                                                   2 if smoke else 16, 8 if smoke else 64)
   return out
@@ -298,6 +300,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   engine = Engine(model_config, params, tok, ec)
   # "auto" holds the table [D,V] for this one-slot engine on CPU (EngineConfig).
   result["embedding_layout"] = "DV" if engine.config.embedding_transposed else "VD"
+  result["native_kernels"] = engine.config.native_kernels
   before = compile_count()
   t = time.perf_counter()
   # Seconds per program. Compile times only when the persistent compilation cache is off
@@ -369,6 +372,7 @@ _TABLE = [
     ("matmul", "matmul_GFLOPs", "{:.0f} GFLOP/s"),
     ("bytes per decode step", "step_bytes", "{:.3e} B"),
     ("embedding layout, one-slot engine", "embedding_layout", "{}"),
+    ("native CPU kernels", "native_kernels", "{}"),
     ("roofline TPOT", "roofline_tpot_s", "{:.4f} s"),
     ("TPOT median", "tpot_median_s", "{:.4f} s"),
     ("TPOT p90", "tpot_p90_s", "{:.4f} s"),

@@ -32,7 +32,7 @@ import numpy as np
 from decode import sampling, steps
 from decode.detokenize import IncrementalDetokenizer
 from decode.stops import StopMatcher
-from model import int8_kernel
+from model import native
 from model.cache import init_cache
 from model.config import ModelConfig
 from model.sharding import ShardingPlan
@@ -53,16 +53,16 @@ class EngineConfig:
   # for a one-slot engine with float32 weights on one CPU device, whose one-row head reads
   # [D,V] faster; VD everywhere else (model/transformer.py: transpose_embedding).
   embedding_layout: str = "auto"
-  # Who multiplies int8_dynamic's few-row products: "native" (model/int8_kernel.py), "xla",
-  # or "auto": native when the model is int8_dynamic on one CPU device and the kernel
-  # builds here, xla otherwise.
-  int8_kernel: str = "auto"
+  # Whether decode attention and int8_dynamic's few-row products run in the native CPU
+  # kernels (model/native.py): "on", "off", or "auto": on for one CPU device where they
+  # build, off otherwise.
+  native_kernels: str = "auto"
 
   def __post_init__(self):
     if self.embedding_layout not in ("auto", "VD", "DV"):
       raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected auto, VD or DV")
-    if self.int8_kernel not in ("auto", "native", "xla"):
-      raise ValueError(f"int8_kernel={self.int8_kernel!r}; expected auto, native or xla")
+    if self.native_kernels not in ("auto", "on", "off"):
+      raise ValueError(f"native_kernels={self.native_kernels!r}; expected auto, on or off")
 
   def transposed_embedding(self, config: ModelConfig, sharded: bool) -> bool:
     """Whether the engine holds the embedding [D,V] (resolves "auto")."""
@@ -71,17 +71,17 @@ class EngineConfig:
     return (self.num_slots == 1 and not sharded and config.quant == "none"
             and config.param_dtype == "float32" and jax.default_backend() == "cpu")
 
-  def native_int8(self, config: ModelConfig, sharded: bool) -> bool:
-    """Whether the engine's int8 products go to the native kernel (resolves "auto")."""
-    if self.int8_kernel == "xla" or config.quant != "int8_dynamic":
+  def use_native_kernels(self, sharded: bool) -> bool:
+    """Whether the engine runs the native CPU kernels (resolves "auto")."""
+    if self.native_kernels == "off":
       return False
-    if self.int8_kernel == "native":
-      reason = int8_kernel.unavailable_reason()
-      if sharded or reason:
-        raise ValueError("int8_kernel='native' needs one CPU device and a kernel that builds: "
-                         + ("the engine is sharded" if sharded else reason))
+    if self.native_kernels == "on":
+      reason = "the engine is sharded" if sharded else native.unavailable_reason()
+      if reason:
+        raise ValueError(f"native_kernels='on' needs one CPU device and kernels that build: "
+                         f"{reason}")
       return True
-    return not sharded and int8_kernel.available()
+    return not sharded and native.available()
 
   def bucket(self, n: int) -> int:
     """Smallest bucket holding n tokens (the largest one for longer remainders)."""
@@ -273,7 +273,7 @@ class Engine:
     ec = engine_config
     sharded = plan is not None
     config, params = transpose_embedding(config, params, ec.transposed_embedding(config, sharded))
-    config = config.replace(int8_kernel=ec.native_int8(config, sharded))
+    config = config.replace(native_kernels=ec.use_native_kernels(sharded))
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.engine_config = ec
     if max(ec.prefill_buckets) > ec.max_len:

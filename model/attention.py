@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model import native
 from model.cache import LayerCache
 
 _NEG = -1e30  # a finite "minus infinity": exp() underflows to 0 without producing NaNs
@@ -116,19 +117,26 @@ def attend_prefill(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, row0, fill
   return _finish(state, q), write(cache, k_new, v_new, q_pos, new_ok, row0)
 
 
-def attend_decode(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, filled):
-  """One token per row for every row of the cache: (output [B,1,N,H], updated cache).
+def attend_decode(q, k_new, v_new, q_pos, new_ok, cache: LayerCache, filled,
+                  native_kernel: bool = False):
+  """One token per row for every row of the cache: (output [B,K,G,1,H], updated cache).
 
   The new key is written first and then read back with all the others. With one token
   per row that is safe (position p overwrites p - C, outside every window), and it lets
   XLA update the cache in place: reading a buffer that is written afterwards forces a
   copy of it (measured on Gemma 3 270M: ~54 MB of copies and page faults per step).
+  native_kernel: a float32 cache is read by model/native.py's kernel instead of the block
+  loop, which on XLA CPU copies every block it reads.
   """
   b, t, n, h = q.shape
   kv = k_new.shape[2]
   qg = q.reshape(b, t, kv, n // kv, h)
   cache = write(cache, k_new, v_new, q_pos, new_ok, 0)
   last = filled - 1 + new_ok[:, 0].astype(filled.dtype)
+  if native_kernel and cache.k.dtype == jnp.float32:
+    out = native.attend_decode(qg[:, 0].astype(jnp.float32), cache.k, cache.v, last,
+                               q_pos[:, 0], cache.window)
+    return out[:, :, :, None, :].astype(q.dtype), cache
   state = _attend_cache(qg, q_pos, cache.k, cache.v, last, cache.window, cache.capacity,
                         cache.block, _softmax_state((b, kv, n // kv, t), h))
   return _finish(state, q), cache

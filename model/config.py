@@ -47,10 +47,11 @@ class ModelConfig:
       A run-time layout (model/transformer.py: transpose_embedding), chosen per compiled
       program set: XLA CPU's one-row head reads a [D,V] weight ~25% faster, while several
       rows and the lookups are faster from [V,D] (docs/performance.md). Float storage only.
-    int8_kernel: int8_dynamic's products of a few rows (decode steps, the head of a prefill's
-      last row) run in the native CPU kernel of model/int8_kernel.py instead of XLA's dot:
-      the same int32 product, read at memory speed. A run-time choice like
-      embedding_transposed (EngineConfig.int8_kernel resolves it); one CPU device only.
+    native_kernels: a decode step's attention over a float32 cache, and int8_dynamic's
+      products of a few rows, run in the native CPU kernels of model/native.py instead of
+      XLA's code (the same results up to float32 rounding order; the int8 sums exactly). A
+      run-time choice like embedding_transposed (EngineConfig.native_kernels resolves it);
+      one CPU device only.
   """
 
   vocab_size: int
@@ -71,7 +72,7 @@ class ModelConfig:
   dtype: str = "float32"
   quant: str = "none"  # "none", "int8" or "int8_dynamic" (model/quantize.py)
   embedding_transposed: bool = False
-  int8_kernel: bool = False
+  native_kernels: bool = False
 
   def __post_init__(self):
     if self.quant not in QUANT_MODES:
@@ -79,9 +80,6 @@ class ModelConfig:
     if self.embedding_transposed and self.int8_weights:
       raise ValueError(f"embedding_transposed needs float storage; quant={self.quant!r} keeps "
                        "the embedding [V,D] with one scale per vocabulary row")
-    if self.int8_kernel and self.quant != "int8_dynamic":
-      raise ValueError(f"int8_kernel multiplies int8 activations; quant={self.quant!r} has none "
-                       "(use quant='int8_dynamic')")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")

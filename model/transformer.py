@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from model import attention, int8_kernel
+from model import attention, native
 from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
 from model.quantize import REDUCE_AXES
@@ -37,7 +37,7 @@ def _param(module, name, shape, axes, init, dtype):
 class Int8Weight(NamedTuple):
   """An int8 matmul weight [*out, *in] and its float32 scale per output channel [*out, 1...].
 
-  native: few-row products go to the native CPU kernel (config.int8_kernel).
+  native: few-row products go to the native CPU kernel (config.native_kernels).
   """
   q: jax.Array
   scale: jax.Array
@@ -62,7 +62,7 @@ def _kernel(module, name, shape, axes, init):
   q = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
   scale = _param(module, name + "_scale", scale_shape, scale_axes, nn.initializers.ones, jnp.float32)
   if c.quant == "int8_dynamic":
-    return Int8Weight(q, scale, c.int8_kernel)
+    return Int8Weight(q, scale, c.native_kernels)
   return q.astype(c.jnp_dtype) * scale.astype(c.jnp_dtype)
 
 
@@ -124,23 +124,23 @@ def _dot_rows(x2, w2, out_dtype, input_major: bool = False):
   return jnp.einsum(spec, x2, w2, preferred_element_type=out_dtype)[:rows]
 
 
-def _matmul_int8(x2, q2, scale, out_dtype, native: bool = False):
+def _matmul_int8(x2, q2, scale, out_dtype, native_kernel: bool = False):
   """x2 [M,I] times int8 q2 [O,I] with per-output-channel scale [O], with dynamic int8
   activations: every row of x is rounded to int8 with its own scale (max |x| / 127),
   multiplied int8 x int8 -> int32, then rescaled by both scales.
 
   On XLA CPU (YNNPACK, see _dot_rows) the 4x smaller int8 weights make a batch-1 step ~1.7x
   faster than float32 (docs/performance.md). The plain einsum form is the one the library
-  takes; _matmul's weight-left form is not handed to it. native: up to
-  int8_kernel.MAX_ROWS rows go to the native kernel instead, which computes the same int32
-  product ~2x faster there.
+  takes; _matmul's weight-left form is not handed to it. native_kernel: up to
+  native.MAX_INT8_ROWS rows go to model/native.py's kernel instead, which computes the same
+  int32 product ~2x faster there.
   """
   x2 = x2.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
   x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [M,1]
   xq = jnp.round(x2 / x_scale).astype(jnp.int8)
-  if native and x2.shape[0] <= int8_kernel.MAX_ROWS:
-    acc = int8_kernel.matmul(xq, q2)
+  if native_kernel and x2.shape[0] <= native.MAX_INT8_ROWS:
+    acc = native.int8_matmul(xq, q2)
   else:
     acc = _dot_rows(xq, q2, jnp.int32)
   return (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
@@ -189,7 +189,8 @@ class Attention(nn.Module):
     q = rope(q, positions, base) * jnp.asarray(c.query_pre_attn_scalar ** -0.5, dt)
     k = rope(k, positions, base)
     if decode:
-      out, cache = attention.attend_decode(q, k, v, positions, valid, cache, filled)
+      out, cache = attention.attend_decode(q, k, v, positions, valid, cache, filled,
+                                           c.native_kernels)
     else:
       out, cache = attention.attend_prefill(q, k, v, positions, valid, cache, row0, filled)
     b, _, _, t, h = out.shape  # [B,K,G,T,H] -> [B,T,N,H]; n = k * G + g, as the weight's N
@@ -265,7 +266,7 @@ class Embedder(nn.Module):
       h2 = h.reshape(-1, c.d_model).astype(w.dtype)
       return _dot_rows(h2, w, jnp.float32, input_major=True).reshape(*lead, c.vocab_size)
     if c.quant == "int8_dynamic":
-      return _linear(h, Int8Weight(self.embedding, self.embedding_scale, c.int8_kernel),
+      return _linear(h, Int8Weight(self.embedding, self.embedding_scale, c.native_kernels),
                      out_dtype=jnp.float32)
     if c.quant == "int8":  # per-row scales commute with the contraction over D
       logits = _linear(h, self.embedding.astype(h.dtype), out_dtype=jnp.float32)

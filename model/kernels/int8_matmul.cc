@@ -5,8 +5,9 @@
 // Why: a decode step multiplies one row (or a few) by every weight. XLA CPU's own int8 path
 // (YNNPACK) reads the weights at ~12 GB/s there; this loop streams them at memory speed.
 // AVX-512 VNNI's dot product (vpdpbusd) multiplies unsigned by signed bytes, so x is
-// biased by +128 (x ^ 0x80 as a byte) and 128 * sum_i w[o, i] is taken off again. Both
-// sums are exact in int32, so the result equals the plain int32 product bit for bit.
+// biased by +128 (x ^ 0x80 as a byte) and 128 * sum_i w[o, i] is taken off again. For
+// I < 65536 both sums are exact in int32, so the result equals the plain int32 product bit
+// for bit (beyond that both wrap modulo 2^32, as XLA's int32 dot does).
 //
 // Threads: the output rows are cut into chunks that the calling thread and tasks on XLA's
 // intra-op pool claim from one atomic counter. The caller only waits for chunks someone has
@@ -31,7 +32,9 @@ struct Problem {
   const int8_t* w;
   int32_t* out;
   int64_t rows, in, out_rows, chunk, num_chunks;
-  std::atomic<int64_t> next{0}, done{0};
+  // On their own cache line: the workers bump them while reading the fields above.
+  alignas(64) std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
 };
 
 inline __mmask64 tail_mask(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
@@ -107,9 +110,10 @@ void work(Problem& p) {
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                           ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("int8_matmul wants x [M, I] and w [O, I]");
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || xd[1] != wd[1] ||
+      od[0] != xd[0] || od[1] != wd[0])
+    return ffi::Error::InvalidArgument("int8_matmul wants x [M, I], w [O, I] and out [M, O]");
   auto p = std::make_shared<Problem>();
   p->rows = xd[0], p->in = xd[1], p->out_rows = wd[0];
   p->w = w.typed_data();

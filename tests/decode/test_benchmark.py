@@ -5,7 +5,7 @@ import math
 import subprocess
 import sys
 
-from model import int8_kernel
+from model import native
 
 RATIOS = ("tpot_over_roofline", "stream_over_fused", "throughput16_over_compute_roofline",
           "tpot_ctx8192_over_ctx256", "compiles_after_warmup")
@@ -42,9 +42,10 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert 0 < v["roofline_tpot_s"] < result["roofline_tpot_s"]
   assert v["tpot_over_float32"] > 0 and v["ttft_over_float32"] > 0
   assert v["throughput16_tokens_per_s"] > 0
-  assert v["int8_kernel"] == int8_kernel.available()  # "auto": native where it builds
-  xla = result["variants"]["int8_dynamic_xla"]  # the same model with XLA's products
-  assert xla["int8_kernel"] is False and xla["weight_bytes"] == v["weight_bytes"]
+  kernels = native.unsupported_here() is None  # "auto" uses the native kernels where they run
+  assert result["native_kernels"] is kernels and v["native_kernels"] is kernels
+  xla = result["variants"]["int8_dynamic_xla"]  # the same model with XLA's code throughout
+  assert xla["native_kernels"] is False and xla["weight_bytes"] == v["weight_bytes"]
   assert "throughput16_tokens_per_s" not in xla
   vd = result["variants"]["float32_VD"]  # same weights, the one-slot engine's table as stored
   assert vd["weight_bytes"] == result["weight_bytes"] and vd["tpot_over_float32"] > 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from decode import steps
-from model import int8_kernel
+from model import native
 from model.cache import init_cache
 from model.config import get_config
 from model.quantize import with_quant
@@ -24,15 +24,16 @@ _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 
 @pytest.fixture(scope="module", params=[(1, "none"), (4, "none"), (1, "int8_dynamic"),
                                         (4, "int8_dynamic"), (1, "int8_native"),
-                                        (4, "int8_native"), (1, "bfloat16"), (4, "bfloat16"),
-                                        (1, "DV"), (4, "DV")],
+                                        (4, "int8_native"), (1, "native"), (4, "native"),
+                                        (1, "bfloat16"), (4, "bfloat16"), (1, "DV"), (4, "DV")],
                 ids=lambda p: f"{p[0]}_slots_{p[1]}")
 def compiled(request):
   """One slot takes the matrix-vector path of every matmul, several the weight-left one;
   int8_dynamic and bfloat16 weights must be multiplied as stored, never as a float32 copy.
   DV holds the embedding [D,V] (the one-slot engine's layout on CPU): the lookup and the head
-  must read it as it is, not through a [V,D] copy. int8_native is int8_dynamic with the
-  few-row products in the native kernel (model/int8_kernel.py)."""
+  must read it as it is, not through a [V,D] copy. native and int8_native are float32 and
+  int8_dynamic with the native CPU kernels (model/native.py): attention reads the cache in
+  place, and int8_native's few-row products run in the int8 kernel."""
   slots, quant = request.param
   cfg = get_config("gemma3_270m", num_layers=2, global_every=2, vocab_size=4096)
   params = init_params(cfg, jax.random.key(0))
@@ -41,17 +42,22 @@ def compiled(request):
     cfg, params = cfg.replace(param_dtype=quant), jax.tree.map(lambda x: x.astype(quant), params)
   elif quant == "DV":
     cfg, params = transpose_embedding(cfg, params)
-  elif quant == "int8_native":
-    if not int8_kernel.available():
-      pytest.skip(f"native int8 kernel: {int8_kernel.unavailable_reason()}")
-    cfg, params = with_quant(cfg, params, "int8_dynamic")
-    cfg = cfg.replace(int8_kernel=True)
+  elif quant in ("native", "int8_native"):
+    if native.unsupported_here():
+      pytest.skip(f"native kernels: {native.unsupported_here()}")
+    if quant == "int8_native":
+      cfg, params = with_quant(cfg, params, "int8_dynamic")
+    cfg = cfg.replace(native_kernels=True)
   elif quant != "none":
     cfg, params = with_quant(cfg, params, quant)
   state = steps.init_state(init_cache(cfg, slots, 2048))
   model = Transformer(cfg)
   fn = jax.jit(lambda p, s: steps.decode_step(model, p, s, 0), donate_argnums=1)
-  return fn.lower(params, state).compile(), weights, params
+  program = fn.lower(params, state).compile()
+  # The kernels are in the step exactly when asked for.
+  assert (native.INT8_TARGET in program.as_text()) == (quant == "int8_native")
+  assert (native.ATTENTION_TARGET in program.as_text()) == quant.endswith("native")
+  return program, weights, params
 
 
 def _big_materialised(hlo: str):

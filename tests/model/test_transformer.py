@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import cache as cache_lib
+from model import cache as cache_lib, native
 from model.config import PRESETS, get_config
 from model.transformer import Transformer, init_params, logical_axes, transpose_embedding
 from tests.model import naive
@@ -41,12 +41,17 @@ def test_full_forward_matches_naive_reference(tiny_config, tiny_params, seq):
   np.testing.assert_allclose(logits, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("native_kernels", [False, True], ids=["xla", "native"])
 @pytest.mark.parametrize("prefix_len,chunk", [(1, 16), (5, 16), (13, 4), (13, 16)])
-def test_prefill_then_decode_matches_at_every_position(tiny_config, tiny_params, seq, prefix_len, chunk):
+def test_prefill_then_decode_matches_at_every_position(tiny_config, tiny_params, seq, prefix_len,
+                                                       chunk, native_kernels):
   """Prefill `prefix_len` tokens (in chunks of `chunk`, padded), then decode one at a time
-  in slot 2 of 3 while the other slots sit idle; every position's logits match."""
+  in slot 2 of 3 while the other slots sit idle; every position's logits match. native: the
+  decode steps' attention runs in model/native.py's kernel (the ring wraps three times)."""
+  if native_kernels and native.unsupported_here():
+    pytest.skip(f"native kernels: {native.unsupported_here()}")
   ref = naive.forward(tiny_config, jax.tree.map(np.asarray, tiny_params), seq)
-  model = Transformer(tiny_config)
+  model = Transformer(tiny_config.replace(native_kernels=native_kernels))
   cache = cache_lib.init_cache(tiny_config, 3, 64, block=4)
   got = {}
   for start in range(0, prefix_len, chunk):

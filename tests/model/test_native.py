@@ -1,0 +1,170 @@
+"""The native CPU kernels (model/native.py): the int8 product is XLA's int32 product exactly,
+decode attention is XLA's block loop up to float32 rounding, and engines that use them stream
+what engines without them stream."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode import sampling
+from decode.engine import Engine, EngineConfig, Request
+from model import attention, native
+from model.cache import LayerCache
+from model.quantize import with_quant
+from model.sharding import ShardingPlan, get_sharding
+
+
+@pytest.fixture
+def kernels():
+  """Skips only where the kernels cannot run (another backend, no AVX-512 VNNI, no compiler);
+  on a machine that could run them, kernels that fail to build fail the tests."""
+  reason = native.unsupported_here()
+  if reason:
+    pytest.skip(f"native kernels: {reason}")
+  assert native.unavailable_reason() is None
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows,out,inner", [(1, 300, 640), (2, 64, 2048), (3, 37, 70),
+                                            (4, 5, 129), (1, 1027, 64), (4, 4096, 1)])
+def test_int8_matmul_equals_the_int32_product(rows, out, inner):
+  """Every int8 value, including -128 and 127; widths that leave a partial 64-byte tail and
+  row counts that leave a partial tile of four."""
+  rng = np.random.default_rng(rows * out + inner)
+  x = rng.integers(-128, 128, (rows, inner), dtype=np.int8)
+  w = rng.integers(-128, 128, (out, inner), dtype=np.int8)
+  got = np.asarray(jax.jit(native.int8_matmul)(jnp.asarray(x), jnp.asarray(w)))
+  assert got.dtype == np.int32 and got.shape == (rows, out)
+  np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("wv", [-128, 127])
+def test_int8_matmul_sums_do_not_overflow_at_the_extremes(wv):
+  """x = 127 is the largest biased byte (255): against all -128 or all 127 over 2048 inputs
+  (the widest product in Gemma 3 270M), the biased sums are the largest this layout sees."""
+  x = jnp.full((1, 2048), 127, jnp.int8)
+  w = jnp.full((8, 2048), wv, jnp.int8)
+  np.testing.assert_array_equal(np.asarray(native.int8_matmul(x, w)), 127 * wv * 2048)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows,cap,window,lengths", [
+    (1, 1024, None, [900]),          # a global layer, sliced across threads
+    (3, 1024, None, [0, 5, 1023]),   # an empty row, a short one, a full one
+    (2, 512, 512, [1500, 300]),      # a ring that has wrapped, and one that has not
+    (4, 16, 8, [3, 8, 20, 37]),      # a small ring with a window shorter than it
+])
+def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths):
+  """The kernel against attention.py's block loop, for the same written cache: one new token
+  per row at position `length` (the last row of several is inactive: nothing is written and
+  its old keys are read)."""
+  rng = np.random.default_rng(cap + rows)
+  kv, group, dim = 2, 3, 32
+  shape = (rows, cap, kv, dim)
+  cache = LayerCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                     jnp.asarray(rng.standard_normal(shape), jnp.float32), window, min(64, cap))
+  q = jnp.asarray(rng.standard_normal((rows, 1, kv * group, dim)), jnp.float32)
+  k_new, v_new = (jnp.asarray(rng.standard_normal((rows, 1, kv, dim)), jnp.float32)
+                  for _ in range(2))
+  filled = jnp.asarray(lengths, jnp.int32)
+  q_pos = filled[:, None]
+  active = jnp.asarray([[i < rows - 1 or rows == 1] for i in range(rows)])
+  outs = []
+  for use_kernel in (False, True):
+    out, new_cache = jax.jit(attention.attend_decode, static_argnums=7)(
+        q, k_new, v_new, q_pos, active, cache, filled, use_kernel)
+    outs.append(np.asarray(out))
+  np.testing.assert_allclose(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+  assert outs[1].shape == (rows, kv, group, 1, dim)
+  empty = [i for i, n in enumerate(lengths) if n == 0 and not (i < rows - 1 or rows == 1)]
+  assert all(np.all(outs[1][i] == 0) for i in empty)  # no key at all: 0, like the loop
+
+
+def _streams(config, params, tok, num_slots, mode):
+  ec = EngineConfig(num_slots=num_slots, max_len=64, prefill_buckets=(8, 32), cache_block=8,
+                    top_logprobs=2, native_kernels=mode)
+  engine = Engine(config, params, tok, ec)
+  settings = [dict(), dict(temperature=0.9, seed=1), dict(temperature=1.1, top_k=5, seed=2)]
+  prompts = ["The quick brown fox", "Pack my box " * 3, "café naïve"]
+  streams = [engine.submit(Request(tuple(tok.encode(p, add_bos=True)), 10,
+                                   sampling.make_params(**kw), stop_ids=()))
+             for p, kw in zip(prompts, settings)]
+  return engine.config.native_kernels, [list(s) for s in streams]
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("quant", ["none", "int8_dynamic"])
+@pytest.mark.parametrize("num_slots", [1, 4])
+def test_engine_streams_the_same_with_and_without_kernels(tiny_config, tiny_params, tiny_tok,
+                                                          num_slots, quant):
+  """Greedy and sampled tokens are the same, logprobs and top logprobs agree to float32
+  rounding (the attention kernel sums in another order), one slot or several."""
+  config, params = ((tiny_config, tiny_params) if quant == "none"
+                    else with_quant(tiny_config, tiny_params, quant))
+  runs = {mode: _streams(config, params, tiny_tok, num_slots, mode) for mode in ("on", "auto", "off")}
+  assert [runs[m][0] for m in ("on", "auto", "off")] == [True, True, False]
+  on, off = runs["on"][1], runs["off"][1]
+  assert [[e.token_id for e in s] for s in on] == [[e.token_id for e in s] for s in off]
+  assert [[e.token_id for e in s] for s in on] == [[e.token_id for e in s] for s in runs["auto"][1]]
+  assert all(len(s) == 10 for s in on)
+  for a, b in zip(on, off):
+    np.testing.assert_allclose([e.logprob for e in a], [e.logprob for e in b], atol=1e-4)
+    np.testing.assert_allclose([[v for _, v in e.top_logprobs] for e in a],
+                               [[v for _, v in e.top_logprobs] for e in b], atol=1e-4)
+
+
+def test_native_kernel_settings_are_checked(tiny_config, tiny_params, tiny_tok):
+  with pytest.raises(ValueError, match="native_kernels"):
+    EngineConfig(native_kernels="yes")
+  ec = EngineConfig(num_slots=1, max_len=64, prefill_buckets=(8,), cache_block=8,
+                    native_kernels="off")
+  assert Engine(tiny_config, tiny_params, tiny_tok, ec).config.native_kernels is False
+
+
+def test_sharded_engines_keep_xlas_code(tiny_config, tiny_params, tiny_tok):
+  """The kernels have no partitioning rule, so "auto" leaves sharded engines on XLA's code
+  and "on" refuses them with a clear error."""
+  config, params = with_quant(tiny_config, tiny_params, "int8_dynamic")
+  plan = ShardingPlan.create(get_sharding("single_device"))
+  ec = EngineConfig(num_slots=1, max_len=64, prefill_buckets=(8,), cache_block=8)
+  assert Engine(config, params, tiny_tok, ec, plan=plan).config.native_kernels is False
+  with pytest.raises(ValueError, match="sharded"):
+    Engine(config, params, tiny_tok, dataclasses.replace(ec, native_kernels="on"), plan=plan)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "int8_dynamic"])
+def test_gemma_streams_with_the_kernels(quant, gemma_gguf, gemma_tokenizer, reference):
+  """Gemma 3 270M, one slot, the short reference prompts. float32 with the kernels streams
+  the reference's greedy continuations exactly. int8_dynamic: the first token comes from
+  prefill, whose only kernel is the exact int8 product, so it and its logprob equal the run
+  without kernels bit for bit, and it is the reference's first token for 6 of the 7 prompts
+  (as measured). Later tokens are not compared: attention's float32 rounding moves some
+  activation across an int8 rounding step, and from there the runs differ as two int8
+  models do (logprobs 0.08 apart within 10 tokens; the teacher-forced quality of
+  int8_dynamic is test_quantized's)."""
+  config, params, _ = gemma_gguf
+  if quant != "none":
+    config, params = with_quant(config, params, quant)
+  prompts = [p for p in reference["prompts"] if len(p["ids"]) <= 32]
+  ec = EngineConfig(num_slots=1, max_len=128, prefill_buckets=(32,), cache_block=64)
+
+  def run(mode):
+    engine = Engine(config, params, gemma_tokenizer, dataclasses.replace(ec, native_kernels=mode))
+    assert engine.config.native_kernels is (mode == "on")
+    return [list(engine.submit(Request(tuple(p["ids"]), len(p["greedy_ids"]), stop_ids=())))
+            for p in prompts]
+
+  on = run("on")
+  if quant == "none":
+    assert [[e.token_id for e in s] for s in on] == [p["greedy_ids"] for p in prompts]
+    return
+  off = run("off")
+  assert [(s[0].token_id, s[0].logprob) for s in on] == [(s[0].token_id, s[0].logprob) for s in off]
+  first = [s[0].token_id == p["greedy_ids"][0] for s, p in zip(on, prompts)]
+  assert len(first) == 7 and sum(first) >= 6, first
