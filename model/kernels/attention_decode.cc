@@ -50,13 +50,28 @@ struct Problem {
 
 constexpr int64_t kMinSlice = 256;  // positions; shorter slices cost more to merge than to read
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+// The G scores of one key: G independent accumulators, so the FMAs do not wait on each
+// other (one dot at a time is bound by the FMA latency, ~4x slower at G = 4).
+template <int G>
+inline void dots(const float* q, const float* key, int64_t H, float* out) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  for (; i + 16 <= H; i += 16) {
+    const __m512 kv = _mm512_loadu_ps(key + i);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + i), kv, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    float s = _mm512_reduce_add_ps(acc[g]);
+    for (int64_t j = i; j < H; ++j) s += q[g * H + j] * key[j];
+    out[g] = s;
+  }
+}
+
+void dots_any(const float* q, const float* key, int64_t G, int64_t H, float* out) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) dots<4>(q + g * H, key, H, out + g);
+  for (; g < G; ++g) dots<1>(q + g * H, key, H, out + g);
 }
 
 inline void axpy(float w, const float* x, float* y, int64_t n) {
@@ -82,25 +97,23 @@ void attend_slice(const Problem& p, int64_t b, int64_t kh, int64_t slice, float*
   std::fill(l, l + G, 0.0f);
   std::fill(acc, acc + G * H, 0.0f);
   const float* q = p.q + (b * K + kh) * G * H;
-  std::vector<float> s(G * (hi - lo), -INFINITY);  // scores [G, hi - lo]; masked keys stay -inf
+  // Scores [hi - lo, G]; a masked key's row stays -inf.
+  std::vector<float> s((hi - lo) * G, -INFINITY);
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t kpos = last - ((last - i) % C + C) % C;
     if (kpos < 0 || kpos > qp || (p.window > 0 && qp - kpos >= p.window)) continue;
-    const float* key = p.k + ((b * C + i) * K + kh) * H;
-    for (int64_t g = 0; g < G; ++g) {
-      const float x = dot(q + g * H, key, H);
-      s[g * (hi - lo) + i - lo] = x;
-      m[g] = std::max(m[g], x);
-    }
+    float* row = s.data() + (i - lo) * G;
+    dots_any(q, p.k + ((b * C + i) * K + kh) * H, G, H, row);
+    for (int64_t g = 0; g < G; ++g) m[g] = std::max(m[g], row[g]);
   }
-  for (int64_t g = 0; g < G; ++g) {
-    if (m[g] == -INFINITY) continue;  // no visible key in this slice
-    for (int64_t i = lo; i < hi; ++i) {
-      const float x = s[g * (hi - lo) + i - lo];
-      if (x == -INFINITY) continue;
-      const float e = std::exp(x - m[g]);
+  for (int64_t i = lo; i < hi; ++i) {
+    const float* row = s.data() + (i - lo) * G;
+    if (row[0] == -INFINITY) continue;  // masked for every head alike
+    const float* value = p.v + ((b * C + i) * K + kh) * H;
+    for (int64_t g = 0; g < G; ++g) {
+      const float e = std::exp(row[g] - m[g]);
       l[g] += e;
-      axpy(e, p.v + ((b * C + i) * K + kh) * H, acc + g * H, H);
+      axpy(e, value, acc + g * H, H);
     }
   }
 }
