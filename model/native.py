@@ -35,8 +35,8 @@ import jax.numpy as jnp
 INT8_TARGET = "flaxstream_int8_matmul"
 ATTENTION_TARGET = "flaxstream_attend_decode"
 MAX_INT8_ROWS = 4  # from ~4 rows up XLA's int8 product is as fast (16 rows: 2x faster)
-_SOURCES = [Path(__file__).parent / "kernels" / name
-            for name in ("int8_matmul.cc", "attention_decode.cc")]
+_KERNELS = Path(__file__).parent / "kernels"
+_SOURCES = [_KERNELS / "int8_matmul.cc", _KERNELS / "attention_decode.cc"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 _COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vnni"]
 
@@ -67,7 +67,8 @@ def _build() -> Path:
   (cached on disk)."""
   from model.gguf_import import cache_dir
   cxx = os.environ.get("CXX", "g++")
-  key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + jax.lib.__version__.encode()
+  files = sorted(_KERNELS.glob("*.[ch]*"))  # the sources and the header they share
+  key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + jax.lib.__version__.encode()
                        + " ".join([cxx, platform.machine()] + _COMPILE).encode()).hexdigest()[:16]
   out = cache_dir() / "kernels" / f"flaxstream_cpu-{key}.so"
   if out.exists():

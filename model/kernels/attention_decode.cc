@@ -15,20 +15,20 @@
 // hands two tiny products per block to its matmul library (~50 us a call): ~3.5 ms of a
 // Gemma 3 270M step at batch 1. Here a step reads only the filled positions, once.
 //
-// Threads: work items are (row, kv head, slice of the filled positions), claimed from an
-// atomic counter by the caller and tasks on XLA's intra-op pool, as in int8_matmul.cc. Long
-// contexts are sliced so that one row's 8192 positions do not fall to one thread; each slice
-// keeps its own softmax max and sum, and the caller merges the slices at the end.
+// Threads: work items are (row, kv head, slice of the filled positions), shared out by
+// ParallelFor (parallel.h). Long contexts are sliced so that one row's 8192 positions do not
+// fall to one thread; each slice keeps its own softmax max and sum, and the caller merges
+// the slices at the end.
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,8 +41,6 @@ struct Problem {
   float* out;
   int64_t rows, cap, kv_heads, group, dim, window, slices;
   std::vector<float> partial;  // per item: G maxima, G sums, G x H unnormalised outputs
-  alignas(64) std::atomic<int64_t> next{0};
-  alignas(64) std::atomic<int64_t> done{0};
 
   int64_t items() const { return rows * kv_heads * slices; }
   int64_t partial_size() const { return group * (dim + 2); }
@@ -141,13 +139,10 @@ void merge(const Problem& p, int64_t b, int64_t kh) {
   }
 }
 
-void work(Problem& p) {
-  for (int64_t t; (t = p.next.fetch_add(1)) < p.items();) {
-    const int64_t slice = t % p.slices, pair = t / p.slices;
-    attend_slice(p, pair / p.kv_heads, pair % p.kv_heads, slice,
-                 p.partial.data() + t * p.partial_size());
-    p.done.fetch_add(1, std::memory_order_release);
-  }
+void run_item(Problem& p, int64_t t) {
+  const int64_t slice = t % p.slices, pair = t / p.slices;
+  attend_slice(p, pair / p.kv_heads, pair % p.kv_heads, slice,
+               p.partial.data() + t * p.partial_size());
 }
 
 ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -173,9 +168,7 @@ ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   const int64_t pairs = p->rows * p->kv_heads;
   p->slices = std::max<int64_t>(1, std::min((2 * threads + pairs - 1) / pairs, longest / kMinSlice));
   p->partial.resize(p->items() * p->partial_size());
-  for (int64_t t = 1; t < std::min(threads, p->items()); ++t) pool.Schedule([p] { work(*p); });
-  work(*p);
-  while (p->done.load(std::memory_order_acquire) < p->items()) _mm_pause();
+  flaxstream::ParallelFor(pool, p->items(), [p](int64_t t) { run_item(*p, t); });
   for (int64_t pair = 0; pair < pairs; ++pair) merge(*p, pair / p->kv_heads, pair % p->kv_heads);
   return ffi::Error::Success();
 }

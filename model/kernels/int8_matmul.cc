@@ -9,18 +9,16 @@
 // I < 65536 both sums are exact in int32, so the result equals the plain int32 product bit
 // for bit (beyond that both wrap modulo 2^32, as XLA's int32 dot does).
 //
-// Threads: the output rows are cut into chunks that the calling thread and tasks on XLA's
-// intra-op pool claim from one atomic counter. The caller only waits for chunks someone has
-// claimed, so it never depends on a task that the busy pool has not started yet.
+// Threads: the output rows are cut into chunks, shared out by ParallelFor (parallel.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,9 +30,6 @@ struct Problem {
   const int8_t* w;
   int32_t* out;
   int64_t rows, in, out_rows, chunk, num_chunks;
-  // On their own cache line: the workers bump them while reading the fields above.
-  alignas(64) std::atomic<int64_t> next{0};
-  alignas(64) std::atomic<int64_t> done{0};
 };
 
 inline __mmask64 tail_mask(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
@@ -101,13 +96,6 @@ void run_chunk(const Problem& p, int64_t c) {
   for (; o < hi; ++o) tiles<1>(p, o);
 }
 
-void work(Problem& p) {
-  for (int64_t c; (c = p.next.fetch_add(1)) < p.num_chunks;) {
-    run_chunk(p, c);
-    p.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                           ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -125,9 +113,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   // A few chunks per thread balances the load; at least 64 rows keeps the counter cold.
   p->chunk = std::max<int64_t>(64, (p->out_rows / (8 * threads) + 3) / 4 * 4);
   p->num_chunks = (p->out_rows + p->chunk - 1) / p->chunk;
-  for (int64_t t = 1; t < std::min(threads, p->num_chunks); ++t) pool.Schedule([p] { work(*p); });
-  work(*p);
-  while (p->done.load(std::memory_order_acquire) < p->num_chunks) _mm_pause();
+  flaxstream::ParallelFor(pool, p->num_chunks, [p](int64_t c) { run_chunk(*p, c); });
   return ffi::Error::Success();
 }
 

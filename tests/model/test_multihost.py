@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _engine_config():
   from decode.engine import EngineConfig
-  return EngineConfig(num_slots=4, max_len=64, prefill_buckets=(16,), cache_block=8)
+  # Sharded engines run XLA's code, not the native CPU kernels; the one-process reference too.
+  return EngineConfig(num_slots=4, max_len=64, prefill_buckets=(16,), cache_block=8,
+                      native_kernels="off")
 
 
 # Five requests for four slots, so one waits for a slot to be released mid-run.

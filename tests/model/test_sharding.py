@@ -158,7 +158,11 @@ def _worker_tiny(out_dir: Path):
   from model.checkpoint import save_checkpoint
   from model.sharding import ShardingPlan, get_sharding
   config, params, tok = load_tiny(out_dir)
-  ec = EngineConfig(num_slots=8, max_len=64, prefill_buckets=(16,), cache_block=8, top_logprobs=2)
+  # Every run on XLA's code: sharded engines cannot use the native CPU kernels, and the
+  # one-device reference must compute the same way (int8_dynamic's rounding would otherwise
+  # amplify the kernels' float32 summation order past these tolerances).
+  ec = EngineConfig(num_slots=8, max_len=64, prefill_buckets=(16,), cache_block=8, top_logprobs=2,
+                    native_kernels="off")
   texts = ["The quick brown fox", "café naïve", "def stream(tokens):", "Pack my box " * 3,
            "emoji 😀 👍🏽", "jumps over the lazy dog", "five dozen liquor jugs", "résumé"]
   requests = _requests(tok, 6, texts, MIXED)
@@ -210,7 +214,8 @@ def _worker_gemma(out_dir: Path):
   _log("restored on one device")
   restore, sharded = _restore_report(directory, plan, config, params)
   _log("restored into the plan's shardings")
-  ec = EngineConfig(num_slots=2, max_len=32, prefill_buckets=(16,), cache_block=32, top_logprobs=0)
+  ec = EngineConfig(num_slots=2, max_len=32, prefill_buckets=(16,), cache_block=32, top_logprobs=0,
+                    native_kernels="off")  # as in _worker_tiny: XLA's code in every run
   texts = ["The capital of France is", "def fibonacci(n):"]
   requests = _requests(tok, 6, texts, [dict()])  # greedy
   ids = [tok.encode(t, add_bos=True)[:5] for t in texts]
@@ -281,12 +286,12 @@ def _check_logits(results, tol, quant=""):
       np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"{label} {what} logits")
 
 
-def _check_tokens(results, quant=""):
+def _check_tokens(results, quant="", logprob_tol=1e-4):
   ref = results["runs"][f"{quant}:reference" if quant else "reference"]
   for label in _plan_labels(results, quant):
     run = results["runs"][label]
     assert run["tokens"] == ref["tokens"], label
-    np.testing.assert_allclose(run["logprobs"], ref["logprobs"], atol=1e-4, err_msg=label)
+    np.testing.assert_allclose(run["logprobs"], ref["logprobs"], atol=logprob_tol, err_msg=label)
 
 
 def _check_decode_step(run):
@@ -344,9 +349,10 @@ def test_int8_dynamic_sharded_equals_single_device(tiny_results):
   assert labels == ["int8_dynamic:tensor_parallel", "int8_dynamic:tensor_data_4x2"]
   # A float one ulp apart upstream can round an activation to the next int8 step. Measured:
   # tensor_parallel equal to the bit; tensor_data_4x2 prefill within 1e-6, and one of the 8
-  # decode rows off by up to 0.025 (the float32 plans: 2e-5 everywhere).
+  # decode rows off by up to 0.025 (the float32 plans: 2e-5 everywhere). The sampled
+  # tokens' logprobs move with it: with jax 0.10.2, one request's by up to 0.018.
   _check_logits(tiny_results, 0.05, "int8_dynamic")
-  _check_tokens(tiny_results, "int8_dynamic")
+  _check_tokens(tiny_results, "int8_dynamic", logprob_tol=0.05)
   for label in labels:
     _check_decode_step(tiny_results["runs"][label])
 

@@ -1,0 +1,45 @@
+// ParallelFor: run fn(0) .. fn(items - 1) on the calling thread and XLA's intra-op pool.
+//
+// Items are claimed from one atomic counter. The caller works too and then waits only for
+// items someone has claimed, so it never depends on a pool task that has not started (the
+// pool may be busy with other ops of the same program). A task that starts late finds the
+// counter spent and returns; fn must hold (e.g. in a shared_ptr) whatever it reads, since
+// such a task may run after ParallelFor has returned.
+
+#ifndef FLAXSTREAM_KERNELS_PARALLEL_H_
+#define FLAXSTREAM_KERNELS_PARALLEL_H_
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace flaxstream {
+
+struct Counters {
+  alignas(64) std::atomic<int64_t> next{0};  // on its own cache line: every worker bumps it
+  alignas(64) std::atomic<int64_t> done{0};
+};
+
+template <typename F>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, F fn) {
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, fn, items] {
+    for (int64_t t; (t = counters->next.fetch_add(1)) < items;) {
+      fn(t);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), items);
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));  // a copy each
+  work();
+  while (counters->done.load(std::memory_order_acquire) < items) _mm_pause();
+}
+
+}  // namespace flaxstream
+
+#endif  // FLAXSTREAM_KERNELS_PARALLEL_H_
