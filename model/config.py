@@ -50,8 +50,9 @@ class ModelConfig:
     native_kernels: a decode step's attention over a float32 cache, and int8_dynamic's
       products of a few rows, run in the native CPU kernels of model/native.py instead of
       XLA's code (the same results up to float32 rounding order; the int8 sums exactly). A
-      run-time choice like embedding_transposed (EngineConfig.native_kernels resolves it);
-      one CPU device only.
+      run-time choice like embedding_transposed (EngineConfig.native_kernels resolves it,
+      and turns it off for sharded engines: the custom calls have no partitioning rule, so a
+      sharded program would run them replicated). A bfloat16 cache keeps XLA's attention.
   """
 
   vocab_size: int

@@ -16,9 +16,10 @@
 // Gemma 3 270M step at batch 1. Here a step reads only the filled positions, once.
 //
 // Threads: work items are (row, kv head, slice of the filled positions), shared out by
-// ParallelFor (parallel.h). Long contexts are sliced so that one row's 8192 positions do not
-// fall to one thread; each slice keeps its own softmax max and sum, and the caller merges
-// the slices at the end.
+// ParallelFor (parallel.h). When there are fewer (row, kv head) pairs than twice the
+// threads, each pair's filled positions are cut into slices of at least kMinSlice, so that
+// one row's 8192 positions do not fall to one thread; each slice keeps its own softmax max
+// and sum, and the caller merges the slices at the end.
 
 #include <immintrin.h>
 
@@ -95,18 +96,19 @@ void attend_slice(const Problem& p, int64_t b, int64_t kh, int64_t slice, float*
   std::fill(l, l + G, 0.0f);
   std::fill(acc, acc + G * H, 0.0f);
   const float* q = p.q + (b * K + kh) * G * H;
-  // Scores [hi - lo, G]; a masked key's row stays -inf.
-  std::vector<float> s((hi - lo) * G, -INFINITY);
+  std::vector<float> s((hi - lo) * G);  // scores [hi - lo, G] of the visible keys
+  std::vector<char> visible(hi - lo, 0);
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t kpos = last - ((last - i) % C + C) % C;
     if (kpos < 0 || kpos > qp || (p.window > 0 && qp - kpos >= p.window)) continue;
+    visible[i - lo] = 1;
     float* row = s.data() + (i - lo) * G;
     dots_any(q, p.k + ((b * C + i) * K + kh) * H, G, H, row);
     for (int64_t g = 0; g < G; ++g) m[g] = std::max(m[g], row[g]);
   }
   for (int64_t i = lo; i < hi; ++i) {
+    if (!visible[i - lo]) continue;
     const float* row = s.data() + (i - lo) * G;
-    if (row[0] == -INFINITY) continue;  // masked for every head alike
     const float* value = p.v + ((b * C + i) * K + kh) * H;
     for (int64_t g = 0; g < G; ++g) {
       const float e = std::exp(row[g] - m[g]);
@@ -130,9 +132,10 @@ void merge(const Problem& p, int64_t b, int64_t kh) {
     float total = 0.0f;
     for (int64_t sl = 0; sl < S; ++sl) {
       const float* part = first + sl * p.partial_size();
-      const float w = part[g] == -INFINITY ? 0.0f : std::exp(part[g] - top);
+      if (part[g] == -INFINITY) continue;  // no visible key in this slice
+      const float w = std::exp(part[g] - top);
       total += w * part[G + g];
-      if (w != 0.0f) axpy(w, part + 2 * G + g * H, o, H);
+      axpy(w, part + 2 * G + g * H, o, H);
     }
     const float inv = 1.0f / total;
     for (int64_t h = 0; h < H; ++h) o[h] *= inv;
@@ -166,6 +169,7 @@ ffi::Error AttendDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   for (int64_t b = 0; b < p->rows; ++b) longest = std::max(longest, filled(*p, b));
   // Slice only as far as it takes to give every thread a couple of items.
   const int64_t pairs = p->rows * p->kv_heads;
+  if (pairs == 0) return ffi::Error::Success();
   p->slices = std::max<int64_t>(1, std::min((2 * threads + pairs - 1) / pairs, longest / kMinSlice));
   p->partial.resize(p->items() * p->partial_size());
   flaxstream::ParallelFor(pool, p->items(), [p](int64_t t) { run_item(*p, t); });

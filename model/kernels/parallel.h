@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -37,7 +38,11 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, F fn) {
   const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), items);
   for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));  // a copy each
   work();
-  while (counters->done.load(std::memory_order_acquire) < items) _mm_pause();
+  // Spin (the items in flight are short), but give the core away now and then: on two
+  // cores another process may be the one holding it.
+  for (int spins = 0; counters->done.load(std::memory_order_acquire) < items; ++spins) {
+    if (spins % 1024 == 1023) std::this_thread::yield(); else _mm_pause();
+  }
 }
 
 }  // namespace flaxstream

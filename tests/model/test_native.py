@@ -43,27 +43,28 @@ def test_int8_matmul_equals_the_int32_product(rows, out, inner):
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("wv", [-128, 127])
-def test_int8_matmul_sums_do_not_overflow_at_the_extremes(wv):
-  """x = 127 is the largest biased byte (255): against all -128 or all 127 over 2048 inputs
-  (the widest product in Gemma 3 270M), the biased sums are the largest this layout sees."""
+def test_int8_matmul_at_the_extreme_values(wv):
+  """x = 127 is the largest biased byte (255), against all -128 or all 127 over 2048 inputs
+  (the widest product in Gemma 3 270M): the bias and its correction at their largest."""
   x = jnp.full((1, 2048), 127, jnp.int8)
   w = jnp.full((8, 2048), wv, jnp.int8)
   np.testing.assert_array_equal(np.asarray(native.int8_matmul(x, w)), 127 * wv * 2048)
 
 
 @pytest.mark.usefixtures("kernels")
-@pytest.mark.parametrize("rows,cap,window,lengths", [
-    (1, 1024, None, [900]),          # a global layer, sliced across threads
-    (3, 1024, None, [0, 5, 1023]),   # an empty row, a short one, a full one
-    (2, 512, 512, [1500, 300]),      # a ring that has wrapped, and one that has not
-    (4, 16, 8, [3, 8, 20, 37]),      # a small ring with a window shorter than it
+@pytest.mark.parametrize("rows,cap,window,lengths,kv", [
+    (1, 1024, None, [900], 1),        # a global layer, its positions sliced across threads
+    (3, 1024, None, [5, 1023, 0], 2),  # a short row, a full one, an empty inactive one
+    (2, 512, 512, [1500, 300], 2),    # a ring that has wrapped, and one that has not
+    (4, 16, 8, [3, 8, 20, 37], 2),    # a small ring with a window shorter than it
+    (1, 2048, 512, [1900], 1),        # sliced, with whole slices outside the window
 ])
-def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths):
+def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths, kv):
   """The kernel against attention.py's block loop, for the same written cache: one new token
-  per row at position `length` (the last row of several is inactive: nothing is written and
-  its old keys are read)."""
+  per row at position `length`; the last row of several is inactive (nothing is written, its
+  old keys are read: none at all for an empty row, whose output is 0)."""
   rng = np.random.default_rng(cap + rows)
-  kv, group, dim = 2, 3, 32
+  group, dim = 3, 32
   shape = (rows, cap, kv, dim)
   cache = LayerCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
                      jnp.asarray(rng.standard_normal(shape), jnp.float32), window, min(64, cap))
@@ -71,17 +72,17 @@ def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths):
   k_new, v_new = (jnp.asarray(rng.standard_normal((rows, 1, kv, dim)), jnp.float32)
                   for _ in range(2))
   filled = jnp.asarray(lengths, jnp.int32)
-  q_pos = filled[:, None]
-  active = jnp.asarray([[i < rows - 1 or rows == 1] for i in range(rows)])
+  active = [i < rows - 1 or rows == 1 for i in range(rows)]
   outs = []
   for use_kernel in (False, True):
-    out, new_cache = jax.jit(attention.attend_decode, static_argnums=7)(
-        q, k_new, v_new, q_pos, active, cache, filled, use_kernel)
+    out, _ = jax.jit(attention.attend_decode, static_argnums=7)(
+        q, k_new, v_new, filled[:, None], jnp.asarray(active)[:, None], cache, filled, use_kernel)
     outs.append(np.asarray(out))
   np.testing.assert_allclose(outs[1], outs[0], atol=2e-6, rtol=1e-5)
   assert outs[1].shape == (rows, kv, group, 1, dim)
-  empty = [i for i, n in enumerate(lengths) if n == 0 and not (i < rows - 1 or rows == 1)]
-  assert all(np.all(outs[1][i] == 0) for i in empty)  # no key at all: 0, like the loop
+  empty = [i for i, n in enumerate(lengths) if n == 0 and not active[i]]
+  assert empty == ([2] if lengths == [5, 1023, 0] else [])
+  assert all(np.all(outs[1][i] == 0) for i in empty)
 
 
 def _streams(config, params, tok, num_slots, mode):
