@@ -19,6 +19,9 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     filled by one real prefill of a repeated prompt.
   * compile time per program (its first call in warm-up), compiles after warm-up (counted),
     peak RSS.
+  * peers (`--peer`, each where installed): Hugging Face transformers on our float32
+    params (batch 1 and 16), llama.cpp on the GGUF file (batch 1), and our TPOTs over
+    theirs.
   * the same weights stored another way (`--variants`, default int8_dynamic; also int8,
     bfloat16, float32_VD, the one-slot engine's embedding held as stored, and
     float32_xla / int8_dynamic_xla, without the native CPU kernels): TTFT 128,
@@ -52,7 +55,9 @@ _VARIANTS = flags.DEFINE_list(
     "Storage variants measured against float32 in the same run: int8_dynamic, int8, "
     "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored), "
     "float32_xla and int8_dynamic_xla (without the native CPU kernels of model/native.py).")
-_PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face transformers (needs torch) on the same weights.")
+_PEER = flags.DEFINE_bool(
+    "peer", False, "Also run the installed peers on the same weights: Hugging Face transformers "
+    "(torch) and llama.cpp (llama-cpp-python, on the GGUF file).")
 
 
 def _median_time(fn, repeats):
@@ -272,6 +277,41 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
   return out
 
 
+def _common_prefix(a, b) -> int:
+  return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def peers(result, model_config, params, tok, new_tokens, ours) -> dict:
+  """Each installed peer on the same weights, with the ratios of ours to theirs:
+  Hugging Face transformers (torch) on our float32 params, llama.cpp on the GGUF file."""
+  import importlib.util
+  import jax
+  out = {}
+  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    from decode import peer_hf
+    p = peer_hf.measure(jax.device_get(params), model_config, tok, new_tokens, _prompt(tok, 128))
+    p["greedy_matches_ours"] = p.pop("hf_greedy_ids") == ours[:new_tokens]
+    p["our_tpot_over_hf"] = result["tpot_median_s"] / p["hf_tpot_batch1_s"]
+    if 16 in result["throughput_tokens_per_s"]:
+      p["our_16slot_over_hf_batch16"] = (result["throughput_tokens_per_s"][16] /
+                                         p["hf_tokens_per_s_batch16"])
+    out.update(p)
+  else:
+    out["hf"] = "not installed (pip install torch==2.13.0 transformers)"
+  if importlib.util.find_spec("llama_cpp"):
+    from decode import peer_llama_cpp
+    from model.gguf_import import default_gguf_path
+    p = peer_llama_cpp.measure(default_gguf_path(), _prompt(tok, 128), new_tokens)
+    p["llama_cpp_greedy_prefix_match"] = _common_prefix(p.pop("llama_cpp_greedy_ids"), ours)
+    p["our_tpot_over_llama_cpp"] = result["tpot_median_s"] / p["llama_cpp_tpot_median_s"]
+    for name, v in result["variants"].items():
+      p[f"{name}_tpot_over_llama_cpp"] = v["tpot_median_s"] / p["llama_cpp_tpot_median_s"]
+    out.update(p)
+  else:
+    out["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+  return out
+
+
 def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=()) -> dict:
   import jax
   from decode.compiles import compile_count
@@ -356,14 +396,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
       v["throughput16_over_float32"] = v["throughput16_tokens_per_s"] / t16
     result["variants"][name] = v
   if peer:
-    from decode import peer_hf
-    p = peer_hf.measure(jax.device_get(params), model_config, tok, new_tokens, _prompt(tok, 128))
-    p["greedy_matches_ours"] = p.pop("hf_greedy_ids") == ours[:new_tokens]
-    p["our_tpot_over_hf"] = result["tpot_median_s"] / p["hf_tpot_batch1_s"]
-    if 16 in result["throughput_tokens_per_s"]:
-      p["our_16slot_over_hf_batch16"] = (result["throughput_tokens_per_s"][16] /
-                                         p["hf_tokens_per_s_batch16"])
-    result["peer"] = p
+    result["peer"] = peers(result, model_config, params, tok, new_tokens, ours)
   return result
 
 

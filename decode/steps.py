@@ -8,8 +8,9 @@ caller jits them with the model static and the state donated, e.g.
 Output rows are packed into one float32 array so the host makes one device-to-host copy per
 step for all slots:
   [token_id, logprob, finite, top_ids[0..n), top_logprobs[0..n)]      (width 3 + 2n)
-`finite` is 1.0 when every logit of the row was finite; a NaN/inf row means the token is
-garbage, and the host ends that request with an error instead of streaming it.
+`finite` is 1.0 when the row's log-softmax is well defined: no logit is NaN or +inf and not
+all are -inf. Otherwise the token is garbage, and the host ends that request with an error
+instead of streaming it. (A -inf logit alone is a token of probability 0, never drawn.)
 Token ids below 2**24 are exact in float32 (Gemma's vocabulary is 2**18).
 `logprob` is the model's log-probability of the chosen token (before bias, temperature and
 filters), the figure logprob APIs report.
@@ -60,14 +61,17 @@ def pack(logits, params: SamplingParams, step, top_n: int):
   """Sample from float32 logits [B,V] and pack [B, packed_width(n)] for the host.
 
   Log-probabilities are logit - logsumexp: a full log_softmax would write another [B,V] array.
-  `finite` sums logits * 0, which is NaN exactly when some logit is NaN or infinite. (A max
-  or min test would miss NaNs: XLA CPU's vectorised max does not propagate them.)
+  `finite` tests the log-sum-exp, which is NaN when some logit is NaN (exp(NaN - max) is NaN
+  even though XLA CPU's vectorised max does not propagate NaNs) or +inf (inf - inf), and
+  -inf when all are -inf: no pass over the row beyond the two the log-probabilities need.
+  (A separate sum of logits * 0 cost 2.2 ms of a 13 ms int8_dynamic step on CPU: XLA hands
+  it to YNNPACK, whose threads wake late after the head's product.)
   """
   tokens = sampling.sample(logits, params, step)
   m = logits.max(axis=1, keepdims=True)
   lse = m + jnp.log(jnp.exp(logits - m).sum(axis=1, keepdims=True))
   chosen = jnp.take_along_axis(logits, tokens[:, None], axis=1) - lse
-  finite = jnp.isfinite((logits * 0.0).sum(axis=1, keepdims=True)).astype(jnp.float32)
+  finite = jnp.isfinite(lse).astype(jnp.float32)
   cols = [tokens[:, None].astype(jnp.float32), chosen, finite]
   if top_n:
     top_logits, top_ids = jax.lax.top_k(logits, top_n)

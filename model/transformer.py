@@ -132,18 +132,33 @@ def _matmul_int8(x2, q2, scale, out_dtype, native_kernel: bool = False):
   On XLA CPU (YNNPACK, see _dot_rows) the 4x smaller int8 weights make a batch-1 step ~1.7x
   faster than float32 (docs/performance.md). The plain einsum form is the one the library
   takes; _matmul's weight-left form is not handed to it. native_kernel: up to
-  native.MAX_INT8_ROWS rows go to model/native.py's kernel instead, which computes the same
-  int32 product ~2x faster there.
+  native.MAX_INT8_ROWS rows go to model/native.py's kernel instead, which computes these
+  same floats ~2x faster there.
   """
+  if native_kernel and x2.shape[0] <= native.MAX_INT8_ROWS:
+    return native.int8_linear(x2, [(q2, scale)])[0].astype(out_dtype)
   x2 = x2.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
-  x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [M,1]
-  xq = jnp.round(x2 / x_scale).astype(jnp.int8)
-  if native_kernel and x2.shape[0] <= native.MAX_INT8_ROWS:
-    acc = native.int8_matmul(xq, q2)
-  else:
-    acc = _dot_rows(xq, q2, jnp.int32)
+  # Multiplications by reciprocals, written out: XLA rewrites the divisions so anyway, and
+  # spelled like this the native kernel can follow the same steps to the same floats.
+  x_scale = jnp.where(amax > 0, amax * jnp.float32(1 / 127), 1.0)  # [M,1]
+  xq = jnp.round(x2 * (1.0 / x_scale)).astype(jnp.int8)
+  acc = _dot_rows(xq, q2, jnp.int32)
   return (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
+
+
+def _linears(x, ws):
+  """[_linear(x, w) for w in ws] for weights [*out, in] that all multiply the same x.
+
+  int8 weights bound for the native kernel share one call: the row is rounded to int8 once
+  and the kernel's threads are woken once (q, k and v; gate and up).
+  """
+  x2 = x.reshape(-1, x.shape[-1])
+  if not (x2.shape[0] <= native.MAX_INT8_ROWS
+          and all(isinstance(w, Int8Weight) and w.native for w in ws)):
+    return [_linear(x, w) for w in ws]
+  ys = native.int8_linear(x2, [(w.q.reshape(-1, x2.shape[1]), w.scale.reshape(-1)) for w in ws])
+  return [y.astype(x.dtype).reshape(*x.shape[:-1], *w.q.shape[:-1]) for y, w in zip(ys, ws)]
 
 
 class RMSNorm(nn.Module):
@@ -182,7 +197,7 @@ class Attention(nn.Module):
     wv = _kernel(self, "v", (c.num_kv_heads, c.head_dim, c.d_model), ("kv_heads", "head_dim", "embed"), init)
     wo = _kernel(self, "o", (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), init)
     dt = x.dtype
-    q, k, v = _linear(x, wq), _linear(x, wk), _linear(x, wv)  # [B,T,N,H], [B,T,K,H] x2
+    q, k, v = _linears(x, [wq, wk, wv])  # [B,T,N,H], [B,T,K,H] x2
     q = RMSNorm(c.rms_eps, pd, name="q_norm")(q)
     k = RMSNorm(c.rms_eps, pd, name="k_norm")(k)
     base = c.rope_base_global if self.is_global else c.rope_base_local
@@ -209,7 +224,8 @@ class MLP(nn.Module):
     gate = _kernel(self, "gate", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
     up = _kernel(self, "up", (c.ffn_dim, c.d_model), ("mlp", "embed"), init)
     down = _kernel(self, "down", (c.d_model, c.ffn_dim), ("embed", "mlp"), init)
-    h = nn.gelu(_linear(x, gate), approximate=True) * _linear(x, up)
+    g, u = _linears(x, [gate, up])
+    h = nn.gelu(g, approximate=True) * u
     return _linear(h, down)
 
 

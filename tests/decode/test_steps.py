@@ -30,12 +30,16 @@ def test_logprobs_match_log_softmax():
 
 
 def test_one_bad_logit_in_a_wide_row_marks_the_row_not_finite():
-  logits = np.zeros((4, V), np.float32)
+  """NaN or +inf anywhere, or every logit -inf, leave no log-softmax: the row is flagged.
+  A single -inf is a token of probability 0 and the row stays usable."""
+  logits = np.zeros((5, V), np.float32)
   logits[1, 12345] = np.nan
   logits[2, 7] = np.inf
   logits[3, V - 1] = -np.inf
+  logits[4] = -np.inf
   packed = _pack(jnp.asarray(logits), top_n=0)
-  np.testing.assert_array_equal(packed[:, 2], [1.0, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(packed[:, 2], [1.0, 0.0, 0.0, 1.0, 0.0])
+  assert packed[3, 0] != V - 1 and np.isfinite(packed[3, 1])
 
 
 def test_release_puts_the_slot_back_to_greedy():

@@ -1,4 +1,4 @@
-"""The native CPU kernels (model/native.py): the int8 product is XLA's int32 product exactly,
+"""The native CPU kernels (model/native.py): the int8 linear layer gives XLA's floats exactly,
 decode attention is XLA's block loop up to float32 rounding, and engines that use them stream
 what engines without them stream."""
 
@@ -15,6 +15,7 @@ from model import attention, native
 from model.cache import LayerCache
 from model.quantize import with_quant
 from model.sharding import ShardingPlan, get_sharding
+from model.transformer import _matmul_int8
 
 
 @pytest.fixture
@@ -27,28 +28,66 @@ def kernels():
   assert native.unavailable_reason() is None
 
 
+def _int8_linear_xla(x, q, scale):
+  return _matmul_int8(x, q, scale, jnp.float32, native_kernel=False)
+
+
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("rows,out,inner", [(1, 300, 640), (2, 64, 2048), (3, 37, 70),
                                             (4, 5, 129), (1, 1027, 64), (4, 4096, 1)])
-def test_int8_matmul_equals_the_int32_product(rows, out, inner):
+def test_int8_linear_sums_are_the_exact_int32_products(rows, out, inner):
   """Every int8 value, including -128 and 127; widths that leave a partial 64-byte tail and
-  row counts that leave a partial tile of four."""
+  row counts that leave a partial tile of four. Integer x with a 127 in every row has
+  activation scale 1, so with weight scales 1 the outputs are the int32 sums as floats."""
   rng = np.random.default_rng(rows * out + inner)
-  x = rng.integers(-128, 128, (rows, inner), dtype=np.int8)
+  x = rng.integers(-127, 128, (rows, inner)).astype(np.float32)
+  x[:, 0] = 127
   w = rng.integers(-128, 128, (out, inner), dtype=np.int8)
-  got = np.asarray(jax.jit(native.int8_matmul)(jnp.asarray(x), jnp.asarray(w)))
-  assert got.dtype == np.int32 and got.shape == (rows, out)
-  np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+  (got,) = jax.jit(native.int8_linear)(jnp.asarray(x), [(jnp.asarray(w), jnp.ones((out,)))])
+  got = np.asarray(got)
+  assert got.dtype == np.float32 and got.shape == (rows, out)
+  exact = x.astype(np.int64) @ w.astype(np.int64).T
+  np.testing.assert_array_equal(got, exact.astype(np.float32))
 
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("wv", [-128, 127])
-def test_int8_matmul_at_the_extreme_values(wv):
+def test_int8_linear_at_the_extreme_values(wv):
   """x = 127 is the largest biased byte (255), against all -128 or all 127 over 2048 inputs
   (the widest product in Gemma 3 270M): the bias and its correction at their largest."""
-  x = jnp.full((1, 2048), 127, jnp.int8)
+  x = jnp.full((1, 2048), 127.0)
   w = jnp.full((8, 2048), wv, jnp.int8)
-  np.testing.assert_array_equal(np.asarray(native.int8_matmul(x, w)), 127 * wv * 2048)
+  (got,) = native.int8_linear(x, [(w, jnp.ones((8,)))])
+  np.testing.assert_array_equal(np.asarray(got), np.float32(127 * wv * 2048))
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_linear_equals_xlas_int8_dynamic_product(rows):
+  """The activations' rounding, the products and the rescale give XLA's floats bit for bit,
+  for several weights in one call (q, k, v's shapes and odd ones), with an all-zero row."""
+  rng = np.random.default_rng(rows)
+  x = (3 * rng.standard_normal((rows, 640))).astype(np.float32)
+  x[-1] = 0.0 if rows > 1 else x[-1]
+  shapes = [1024, 256, 256, 37, 1]
+  weights = [(jnp.asarray(rng.integers(-127, 128, (o, 640), dtype=np.int8)),
+              jnp.asarray((rng.random(o) + 0.01).astype(np.float32) / 100)) for o in shapes]
+  got = jax.jit(native.int8_linear)(jnp.asarray(x), weights)
+  want = [jax.jit(_int8_linear_xla)(x, q, s) for q, s in weights]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.usefixtures("kernels")
+def test_int8_linear_turns_a_non_finite_row_into_nan():
+  """A row holding NaN or inf gives NaN outputs (the step's finiteness check then ends the
+  request); other rows are untouched."""
+  x = np.ones((3, 64), np.float32)
+  x[0, 5], x[2, 9] = np.nan, np.inf
+  (got,) = native.int8_linear(jnp.asarray(x), [(jnp.ones((8, 64), jnp.int8), jnp.ones((8,)))])
+  got = np.asarray(got)
+  assert np.isnan(got[0]).all() and np.isnan(got[2]).all()
+  np.testing.assert_array_equal(got[1], 64.0)
 
 
 @pytest.mark.usefixtures("kernels")
