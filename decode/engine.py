@@ -53,7 +53,7 @@ class EngineConfig:
   # for a one-slot engine with float32 weights on one CPU device, whose one-row head reads
   # [D,V] faster; VD everywhere else (model/transformer.py: transpose_embedding).
   embedding_layout: str = "auto"
-  # Whether decode attention and int8_dynamic's few-row products run in the native CPU
+  # Whether decode attention and few-row products (float32, int8_dynamic) run in the native CPU
   # kernels (model/native.py): "on", "off", or "auto": on for one CPU device where they
   # build, off otherwise.
   native_kernels: str = "auto"

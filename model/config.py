@@ -47,8 +47,9 @@ class ModelConfig:
       A run-time layout (model/transformer.py: transpose_embedding), chosen per compiled
       program set: XLA CPU's one-row head reads a [D,V] weight ~25% faster, while several
       rows and the lookups are faster from [V,D] (docs/performance.md). Float storage only.
-    native_kernels: a decode step's attention over a float32 cache, and int8_dynamic's
-      products of a few rows, run in the native CPU kernels of model/native.py instead of
+    native_kernels: a decode step's attention over a float32 cache, int8_dynamic's
+      products of a few rows and float32 products of 2-16 rows (a decode step of several
+      slots, a short prefill chunk) run in the native CPU kernels of model/native.py instead of
       XLA's code (the same results up to float32 rounding order; the int8 sums exactly). A
       run-time choice like embedding_transposed (EngineConfig.native_kernels resolves it,
       and turns it off for sharded engines: the custom calls have no partitioning rule, so a

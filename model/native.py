@@ -1,12 +1,17 @@
 """Native CPU kernels for the decode step, as XLA custom calls (jax.ffi).
 
-Two pieces of a decode step run far below memory speed in XLA CPU's own code:
+Three pieces of a decode step run far below memory or FMA speed in XLA CPU's own code:
   * int8_linear (kernels/int8_linear.cc): int8_dynamic's linear layers for a few rows: the
     activations' rounding to int8, the int8 x int8 products and the rescale, for every
     weight that multiplies the same input in one call. XLA's path (YNNPACK) reads the
     weights at ~12-20 GB/s and wraps each product in two small single-threaded ops; this
     loop streams them at memory speed with AVX-512 VNNI (the 262144-row head: 5.8 against
     9.1 ms on AMD Zen 5, 6.4 against 13.9 on Intel). The same floats, bit for bit.
+  * f32_linear (kernels/f32_linear.cc): float32 linear layers for 2..16 rows (a decode
+    step of several slots, a short prefill chunk), every weight that multiplies the same
+    input in one call. XLA's product runs at ~20-100 GFLOP/s there; the kernel keeps a tile
+    of weight rows in cache for all the rows and prefetches the next (the head at 16 rows:
+    44 against 60 ms on Intel). The same sums up to float32 rounding order.
   * attend_decode (kernels/attention_decode.cc): one query per row against a layer's KV
     cache. XLA's block loop copies every cache block it reads and hands two tiny products
     per block to its matmul library (~50 us a call); the kernel reads the filled positions
@@ -35,10 +40,13 @@ import jax
 import jax.numpy as jnp
 
 INT8_TARGET = "flaxstream_int8_linear"
+F32_TARGET = "flaxstream_f32_linear"
 ATTENTION_TARGET = "flaxstream_attend_decode"
 MAX_INT8_ROWS = 4  # from ~4 rows up XLA's int8 product is as fast (16 rows: 2x faster)
+MAX_F32_ROWS = 16  # at 32 rows XLA's float32 product is faster for some shapes
 _KERNELS = Path(__file__).parent / "kernels"
-_SOURCES = [_KERNELS / "int8_linear.cc", _KERNELS / "attention_decode.cc"]
+_SOURCES = [_KERNELS / "int8_linear.cc", _KERNELS / "f32_linear.cc",
+            _KERNELS / "attention_decode.cc"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 _COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vnni"]
 
@@ -102,7 +110,8 @@ def _load() -> str | None:
   if reason is None:
     try:
       lib = ctypes.cdll.LoadLibrary(str(_build()))
-      for target, symbol in ((INT8_TARGET, lib.Int8Linear), (ATTENTION_TARGET, lib.AttendDecode)):
+      for target, symbol in ((INT8_TARGET, lib.Int8Linear), (F32_TARGET, lib.F32Linear),
+                             (ATTENTION_TARGET, lib.AttendDecode)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure means "use XLA's code", with why
       reason = f"{type(e).__name__}: {e}"
@@ -134,6 +143,13 @@ def int8_linear(x, weights):
   outs = [jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32) for q, _ in weights]
   args = [a for q, scale in weights for a in (q, scale.astype(jnp.float32))]
   return jax.ffi.ffi_call(INT8_TARGET, outs)(x.astype(jnp.float32), *args)
+
+
+def f32_linear(x, weights):
+  """x [M, I] float32 times float32 weights [w [O, I], ...] -> [y [M, O], ...]."""
+  _ready()
+  outs = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in weights]
+  return jax.ffi.ffi_call(F32_TARGET, outs)(x.astype(jnp.float32), *weights)
 
 
 def attend_decode(q, k, v, last, q_pos, window: int | None):

@@ -15,7 +15,7 @@ from model import attention, native
 from model.cache import LayerCache
 from model.quantize import with_quant
 from model.sharding import ShardingPlan, get_sharding
-from model.transformer import _matmul_int8
+from model.transformer import _matmul, _matmul_int8
 
 
 @pytest.fixture
@@ -122,6 +122,37 @@ def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths, kv):
   empty = [i for i, n in enumerate(lengths) if n == 0 and not active[i]]
   assert empty == ([2] if lengths == [5, 1023, 0] else [])
   assert all(np.all(outs[1][i] == 0) for i in empty)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows,shapes,inner", [(2, [1024, 256, 256], 640), (3, [37, 5], 70),
+                                               (5, [2048], 2048), (16, [262, 1], 17),
+                                               (16, [64], 640), (7, [9], 1), (4, [3], 0)])
+def test_f32_linear_equals_the_float64_product(rows, shapes, inner):
+  """Several weights in one call; row and output counts that leave partial tiles of four,
+  widths that leave a partial 16-float tail (and none at all)."""
+  rng = np.random.default_rng(rows * inner + len(shapes))
+  x = rng.standard_normal((rows, inner)).astype(np.float32)
+  ws = [rng.standard_normal((o, inner)).astype(np.float32) for o in shapes]
+  got = jax.jit(native.f32_linear)(jnp.asarray(x), [jnp.asarray(w) for w in ws])
+  for g, w in zip(got, ws):
+    g = np.asarray(g)
+    assert g.dtype == np.float32 and g.shape == (rows, w.shape[0])
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * np.sqrt(max(inner, 1)))
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows,uses_kernel", [(1, False), (2, True), (16, True), (17, False)])
+def test_f32_products_of_2_to_16_rows_use_the_kernel(rows, uses_kernel):
+  """_matmul sends float32 products of 2..MAX_F32_ROWS rows to the kernel when asked (one
+  row stays XLA's matrix-vector product), and gets XLA's result up to float32 rounding."""
+  x = jax.random.normal(jax.random.key(0), (rows, 640))
+  w = jax.random.normal(jax.random.key(1), (300, 640))
+  f = jax.jit(lambda x, w: _matmul(x, w, jnp.float32, native_kernel=True))
+  assert (native.F32_TARGET in f.lower(x, w).as_text()) is uses_kernel
+  np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(_matmul(x, w, jnp.float32)),
+                             rtol=1e-5, atol=1e-4)
 
 
 def _streams(config, params, tok, num_slots, mode):

@@ -1,0 +1,173 @@
+// Float32 linear layers for a few rows, as one XLA CPU custom call per input:
+//
+//   x [M, I] float32, then N weights w_j [O_j, I] float32 (output-major, as stored)
+//   out_j [M, O_j] = sum_i x[m, i] * w_j[o, i]
+//
+// Why: a decode step of S slots multiplies S rows by every weight, and XLA CPU's matmul
+// (YNNPACK) runs far below the machine's FMA rate for so few rows (Gemma 3 270M, 16 rows:
+// ~90-100 GFLOP/s against ~250 at 128 rows; the 262144-row vocabulary head: ~60 ms for 16
+// rows, while reading its 671 MB once takes ~23 ms). This loop keeps a tile of 4 weight
+// rows in cache while every group of 4 input rows passes over it, so each weight byte
+// comes from memory once per call and the FMA units stay busy.
+//
+// The sums are float32 in another order than XLA's, so results agree with XLA's path up
+// to float32 rounding (tests/model/test_native.py).
+//
+// Threads: the weights' rows are cut into chunks, shared out by ParallelFor (parallel.h).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Weight {
+  const float* w;  // [rows, in]
+  float* out;      // [M, rows]
+  int64_t rows;
+};
+
+struct Chunk {
+  int64_t weight, lo, hi;
+};
+
+struct Problem {
+  const float* x;  // [M, I]
+  std::vector<Weight> weights;
+  std::vector<Chunk> chunks;
+  int64_t rows, in;
+};
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : ((1u << n) - 1); }
+
+// Four sums, one per vector: [sum(v0), sum(v1), sum(v2), sum(v3)].
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 c = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+// R weight rows (4, or 1 for a remainder) from row o of weight `wt`, times MR input rows
+// (MR <= 4) from row m0: 4 x 4 accumulators, 8 loads per 16 FMAs. With `ahead`, the next
+// R weight rows are prefetched column by column, so memory works while the FMAs do
+// (without it, 16 rows of the head took ~the sum of its memory and compute time).
+template <int R, int MR, bool ahead>
+void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0) {
+  __m512 acc[MR][R];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t in = p.in;
+  auto column = [&](int64_t i, __mmask16 k, auto masked) {
+    __m512 w[R];
+    for (int r = 0; r < R; ++r) {
+      const float* src = wt.w + (o + r) * in + i;
+      w[r] = masked ? _mm512_maskz_loadu_ps(k, src) : _mm512_loadu_ps(src);
+      if constexpr (ahead) _mm_prefetch(reinterpret_cast<const char*>(src + 2 * R * in), _MM_HINT_T1);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float* src = p.x + (m0 + m) * in + i;
+      const __m512 xv = masked ? _mm512_maskz_loadu_ps(k, src) : _mm512_loadu_ps(src);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) column(i, 0, std::false_type{});
+  if (i < in) column(i, tail_mask(in - i), std::true_type{});
+  for (int m = 0; m < MR; ++m) {
+    float* dst = wt.out + (m0 + m) * wt.rows + o;
+    if constexpr (R == 4) {
+      _mm_storeu_ps(dst, reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    } else {
+      for (int r = 0; r < R; ++r) dst[r] = _mm512_reduce_add_ps(acc[m][r]);
+    }
+  }
+}
+
+// The first group of input rows prefetches the next weight rows for all of them.
+template <int R, int MR>
+void first_tile(const Problem& p, const Weight& wt, int64_t o, bool last) {
+  if (last) tile<R, MR, false>(p, wt, o, 0); else tile<R, MR, true>(p, wt, o, 0);
+}
+
+template <int R>
+void tiles(const Problem& p, const Weight& wt, int64_t o, bool last) {
+  switch (std::min<int64_t>(p.rows, 4)) {
+    case 4: first_tile<R, 4>(p, wt, o, last); break;
+    case 3: first_tile<R, 3>(p, wt, o, last); break;
+    case 2: first_tile<R, 2>(p, wt, o, last); break;
+    case 1: first_tile<R, 1>(p, wt, o, last); break;
+  }
+  int64_t m = 4;
+  for (; m + 4 <= p.rows; m += 4) tile<R, 4, false>(p, wt, o, m);
+  switch (p.rows - m) {
+    case 3: tile<R, 3, false>(p, wt, o, m); break;
+    case 2: tile<R, 2, false>(p, wt, o, m); break;
+    case 1: tile<R, 1, false>(p, wt, o, m); break;
+  }
+}
+
+void run_chunk(const Problem& p, const Chunk& c) {
+  const Weight& wt = p.weights[c.weight];
+  int64_t o = c.lo;
+  for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 8 > c.hi);
+  for (; o < c.hi; ++o) tiles<1>(p, wt, o, true);
+}
+
+ffi::Error F32LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+  const auto xd = x.dimensions();
+  const size_t n = outs.size();
+  if (xd.size() != 2 || weights.size() != n)
+    return ffi::Error::InvalidArgument("f32_linear wants x [M, I], then w [O, I] per output");
+  auto p = std::make_shared<Problem>();
+  p->x = x.typed_data(), p->rows = xd[0], p->in = xd[1];
+  int64_t total = 0;
+  for (size_t j = 0; j < n; ++j) {
+    auto w = weights.get<ffi::Buffer<ffi::F32>>(j);
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !out.has_value())
+      return ffi::Error::InvalidArgument("f32_linear: a weight or output has the wrong type");
+    const auto wd = w->dimensions(), od = (*out)->dimensions();
+    if (wd.size() != 2 || wd[1] != p->in || od.size() != 2 || od[0] != p->rows ||
+        od[1] != wd[0])
+      return ffi::Error::InvalidArgument("f32_linear wants w [O, I] and out [M, O] for x [M, I]");
+    p->weights.push_back({w->typed_data(), (*out)->typed_data(), wd[0]});
+    total += wd[0];
+  }
+  if (p->rows == 0 || total == 0) return ffi::Error::Success();
+  if (p->in == 0) {
+    for (const Weight& wt : p->weights) std::fill(wt.out, wt.out + p->rows * wt.rows, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(32, (total / (8 * threads) + 3) / 4 * 4);
+  for (int64_t j = 0; j < static_cast<int64_t>(n); ++j)
+    for (int64_t lo = 0; lo < p->weights[j].rows; lo += chunk)
+      p->chunks.push_back({j, lo, std::min(lo + chunk, p->weights[j].rows)});
+  flaxstream::ParallelFor(pool, static_cast<int64_t>(p->chunks.size()),
+                          [p](int64_t c) { run_chunk(*p, p->chunks[c]); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Linear, F32LinearImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
