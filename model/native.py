@@ -10,8 +10,8 @@ Three pieces of a decode step run far below memory or FMA speed in XLA CPU's own
   * f32_linear (kernels/f32_linear.cc): float32 linear layers for 2..16 rows (a decode
     step of several slots, a short prefill chunk), every weight that multiplies the same
     input in one call. XLA's product runs at ~20-100 GFLOP/s there; the kernel keeps a tile
-    of weight rows in cache for all the rows and prefetches the next (the head at 16 rows:
-    44 against 60 ms on Intel). The same sums up to float32 rounding order.
+    of weight rows in cache for all the rows and prefetches ahead (the head at 16 rows:
+    37-38 against 60-63 ms on Intel). The same sums up to float32 rounding order.
   * attend_decode (kernels/attention_decode.cc): one query per row against a layer's KV
     cache. XLA's block loop copies every cache block it reads and hands two tiny products
     per block to its matmul library (~50 us a call); the kernel reads the filled positions

@@ -62,21 +62,25 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 }
 
 // R weight rows (4, or 1 for a remainder) from row o of weight `wt`, times MR input rows
-// (MR <= 4) from row m0: 4 x 4 accumulators, 8 loads per 16 FMAs. With `ahead`, the next
-// R weight rows are prefetched column by column, so memory works while the FMAs do
-// (without it, 16 rows of the head took ~the sum of its memory and compute time).
-template <int R, int MR, bool ahead>
-void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0) {
+// (MR <= 4) from row m0: 4 x 4 accumulators, 8 loads per 16 FMAs. Meanwhile weight rows
+// pf_lo .. pf_lo + PF - 1 of the tile two ahead are prefetched into L2, a line per
+// column, so memory works while the FMAs do (without prefetching, 16 rows of the head took
+// about the sum of its memory and its compute time). PF is a template argument: as a
+// loop bound read at run time it cost the 4-row head ~10%.
+template <int R, int MR, int PF>
+void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int pf_lo) {
   __m512 acc[MR][R];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   const int64_t in = p.in;
+  const float* ahead = wt.w + (o + 2 * R + pf_lo) * in;
   auto column = [&](int64_t i, __mmask16 k, auto masked) {
+    for (int r = 0; r < PF; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + r * in + i), _MM_HINT_T1);
     __m512 w[R];
     for (int r = 0; r < R; ++r) {
       const float* src = wt.w + (o + r) * in + i;
       w[r] = masked ? _mm512_maskz_loadu_ps(k, src) : _mm512_loadu_ps(src);
-      if constexpr (ahead) _mm_prefetch(reinterpret_cast<const char*>(src + 2 * R * in), _MM_HINT_T1);
     }
     for (int m = 0; m < MR; ++m) {
       const float* src = p.x + (m0 + m) * in + i;
@@ -97,34 +101,41 @@ void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0) {
   }
 }
 
-// The first group of input rows prefetches the next weight rows for all of them.
 template <int R, int MR>
-void first_tile(const Problem& p, const Weight& wt, int64_t o, bool last) {
-  if (last) tile<R, MR, false>(p, wt, o, 0); else tile<R, MR, true>(p, wt, o, 0);
+void prefetching_tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int lo, int n) {
+  switch (n) {  // at most R = 4 rows
+    case 0: tile<R, MR, 0>(p, wt, o, m0, lo); break;
+    case 1: tile<R, MR, 1>(p, wt, o, m0, lo); break;
+    case 2: tile<R, MR, 2>(p, wt, o, m0, lo); break;
+    case 3: tile<R, MR, 3>(p, wt, o, m0, lo); break;
+    default: tile<R, MR, 4>(p, wt, o, m0, lo); break;
+  }
 }
 
+// Every group of (up to) 4 input rows over the R weight rows at o. The groups share the
+// prefetching of the tile two ahead (none when that is past the chunk), a few rows each,
+// so the requests are spread over the whole tile's time.
 template <int R>
-void tiles(const Problem& p, const Weight& wt, int64_t o, bool last) {
-  switch (std::min<int64_t>(p.rows, 4)) {
-    case 4: first_tile<R, 4>(p, wt, o, last); break;
-    case 3: first_tile<R, 3>(p, wt, o, last); break;
-    case 2: first_tile<R, 2>(p, wt, o, last); break;
-    case 1: first_tile<R, 1>(p, wt, o, last); break;
-  }
-  int64_t m = 4;
-  for (; m + 4 <= p.rows; m += 4) tile<R, 4, false>(p, wt, o, m);
-  switch (p.rows - m) {
-    case 3: tile<R, 3, false>(p, wt, o, m); break;
-    case 2: tile<R, 2, false>(p, wt, o, m); break;
-    case 1: tile<R, 1, false>(p, wt, o, m); break;
+void tiles(const Problem& p, const Weight& wt, int64_t o, bool prefetch) {
+  const int groups = static_cast<int>((p.rows + 3) / 4);
+  const int per_group = prefetch ? (R + groups - 1) / groups : 0;
+  for (int g = 0; g < groups; ++g) {
+    const int64_t m = 4 * g;
+    const int lo = std::min(R, g * per_group), n = std::min(R, lo + per_group) - lo;
+    switch (std::min<int64_t>(p.rows - m, 4)) {
+      case 4: prefetching_tile<R, 4>(p, wt, o, m, lo, n); break;
+      case 3: prefetching_tile<R, 3>(p, wt, o, m, lo, n); break;
+      case 2: prefetching_tile<R, 2>(p, wt, o, m, lo, n); break;
+      case 1: prefetching_tile<R, 1>(p, wt, o, m, lo, n); break;
+    }
   }
 }
 
 void run_chunk(const Problem& p, const Chunk& c) {
   const Weight& wt = p.weights[c.weight];
   int64_t o = c.lo;
-  for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 8 > c.hi);
-  for (; o < c.hi; ++o) tiles<1>(p, wt, o, true);
+  for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 12 <= c.hi);
+  for (; o < c.hi; ++o) tiles<1>(p, wt, o, false);
 }
 
 ffi::Error F32LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
