@@ -134,20 +134,20 @@ def prefill_products_time(params, rows: int = 128, repeats: int = 7) -> float:
   import jax
   import jax.numpy as jnp
   from model.quantize import REDUCE_AXES
-  from model.transformer import _matmul
-  weights = []
+  from model.transformer import _linear
+  weights, num_in = [], []  # each weight with its count of contracted (trailing) axes
   for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = getattr(path[-1], "key", None)
     if name in REDUCE_AXES and name != "embedding":
-      in_size = int(np.prod([w.shape[a] for a in REDUCE_AXES[name]]))
-      weights.append(w.reshape(-1, in_size))
+      weights.append(w)
+      num_in.append(len(REDUCE_AXES[name]))
 
   @jax.jit
   def products(ws):
     total = jnp.zeros((), jnp.float32)
-    for w in ws:  # each product's input depends on the last one's output, like the layers'
-      x = jnp.full((rows, w.shape[1]), 1e-3, jnp.float32) + total * 1e-9
-      total = total + _matmul(x, w, jnp.float32)[0, 0]
+    for w, n in zip(ws, num_in):  # each input depends on the last output, like the layers'
+      x = jnp.full((rows, *w.shape[w.ndim - n:]), 1e-3, jnp.float32) + total * 1e-9
+      total = total + _linear(x, w, n, jnp.float32).reshape(-1)[0]
     return total
 
   products(weights).block_until_ready()

@@ -36,14 +36,10 @@ struct Weight {
   int64_t rows;
 };
 
-struct Chunk {
-  int64_t weight, lo, hi;
-};
-
 struct Problem {
   const float* x;  // [M, I]
   std::vector<Weight> weights;
-  std::vector<Chunk> chunks;
+  std::vector<flaxstream::RowChunk> chunks;
   int64_t rows, in;
 };
 
@@ -131,7 +127,7 @@ void tiles(const Problem& p, const Weight& wt, int64_t o, bool prefetch) {
   }
 }
 
-void run_chunk(const Problem& p, const Chunk& c) {
+void run_chunk(const Problem& p, const flaxstream::RowChunk& c) {
   const Weight& wt = p.weights[c.weight];
   int64_t o = c.lo;
   for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 12 <= c.hi);
@@ -164,11 +160,9 @@ ffi::Error F32LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (const Weight& wt : p->weights) std::fill(wt.out, wt.out + p->rows * wt.rows, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(32, (total / (8 * threads) + 3) / 4 * 4);
-  for (int64_t j = 0; j < static_cast<int64_t>(n); ++j)
-    for (int64_t lo = 0; lo < p->weights[j].rows; lo += chunk)
-      p->chunks.push_back({j, lo, std::min(lo + chunk, p->weights[j].rows)});
+  std::vector<int64_t> rows;
+  for (const Weight& wt : p->weights) rows.push_back(wt.rows);
+  p->chunks = flaxstream::RowChunks(rows, pool.num_threads(), 32);
   flaxstream::ParallelFor(pool, static_cast<int64_t>(p->chunks.size()),
                           [p](int64_t c) { run_chunk(*p, p->chunks[c]); });
   return ffi::Error::Success();

@@ -46,15 +46,11 @@ struct Weight {
   int64_t rows;
 };
 
-struct Chunk {
-  int64_t weight, lo, hi;
-};
-
 struct Problem {
   std::vector<uint8_t> x;   // [M, I]: xq biased by +128
   std::vector<float> x_scale;  // [M]
   std::vector<Weight> weights;
-  std::vector<Chunk> chunks;
+  std::vector<flaxstream::RowChunk> chunks;
   int64_t rows, in;
 };
 
@@ -150,7 +146,7 @@ void tiles(const Problem& p, const Weight& wt, int64_t o) {
   }
 }
 
-void run_chunk(const Problem& p, const Chunk& c) {
+void run_chunk(const Problem& p, const flaxstream::RowChunk& c) {
   const Weight& wt = p.weights[c.weight];
   int64_t o = c.lo;
   for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o);
@@ -186,12 +182,9 @@ ffi::Error Int8LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p->x_scale.resize(p->rows);
   for (int64_t m = 0; m < p->rows; ++m)
     quantize_row(x.typed_data() + m * p->in, p->in, p->x.data() + m * p->in, &p->x_scale[m]);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // A few chunks per thread balances the load; at least 64 rows keeps the counter cold.
-  const int64_t chunk = std::max<int64_t>(64, (total / (8 * threads) + 3) / 4 * 4);
-  for (int64_t j = 0; j < static_cast<int64_t>(n); ++j)
-    for (int64_t lo = 0; lo < p->weights[j].rows; lo += chunk)
-      p->chunks.push_back({j, lo, std::min(lo + chunk, p->weights[j].rows)});
+  std::vector<int64_t> rows;
+  for (const Weight& wt : p->weights) rows.push_back(wt.rows);
+  p->chunks = flaxstream::RowChunks(rows, pool.num_threads(), 64);
   flaxstream::ParallelFor(pool, static_cast<int64_t>(p->chunks.size()),
                           [p](int64_t c) { run_chunk(*p, p->chunks[c]); });
   return ffi::Error::Success();

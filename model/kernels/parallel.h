@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -43,6 +44,26 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, F fn) {
   for (int spins = 0; counters->done.load(std::memory_order_acquire) < items; ++spins) {
     if (spins % 1024 == 1023) std::this_thread::yield(); else _mm_pause();
   }
+}
+
+// Rows [lo, hi) of weight `weight`: the work items of the linear-layer kernels.
+struct RowChunk {
+  int64_t weight, lo, hi;
+};
+
+// Each weight's rows cut into chunks of a multiple of 4 rows (the kernels' tile): a few
+// chunks per thread balance the load, and at least `min_rows` keeps the counter cold.
+inline std::vector<RowChunk> RowChunks(const std::vector<int64_t>& rows, int64_t threads,
+                                       int64_t min_rows) {
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  const int64_t per_thread = total / (8 * std::max<int64_t>(1, threads));
+  const int64_t chunk = std::max<int64_t>(min_rows, (per_thread + 3) / 4 * 4);
+  std::vector<RowChunk> chunks;
+  for (int64_t j = 0; j < static_cast<int64_t>(rows.size()); ++j)
+    for (int64_t lo = 0; lo < rows[j]; lo += chunk)
+      chunks.push_back({j, lo, std::min(lo + chunk, rows[j])});
+  return chunks;
 }
 
 }  // namespace flaxstream
