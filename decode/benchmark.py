@@ -154,6 +154,15 @@ def prefill_products_time(params, rows: int = 128, repeats: int = 7) -> float:
   return _median_time(lambda: products(weights).block_until_ready(), repeats)
 
 
+def _cpu_model() -> str:
+  """The CPU's model name, as /proc/cpuinfo gives it ("unknown" elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return "unknown"
+
+
 def _engine(config, num_slots, max_len=None):
   from decode.build import engine_config
   return engine_config(config, num_slots=num_slots, **({"max_len": max_len} if max_len else {}))
@@ -358,6 +367,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   from decode.engine import Engine
   from model.cache import cache_bytes_read, init_cache
   from decode import build
+  from model import native
 
   result = {"config": config.to_dict(), "smoke": smoke, "backend": jax.default_backend(),
             "devices": len(jax.devices())}
@@ -381,6 +391,10 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   # "auto" holds the table [D,V] for this one-slot engine on CPU (EngineConfig).
   result["embedding_layout"] = "DV" if engine.config.embedding_transposed else "VD"
   result["native_kernels"] = engine.config.native_kernels
+  # Which build of the kernels (model/native.py), and on what: figures from different
+  # machines and instruction sets are not comparable.
+  result["native_isa"] = native.isa() if engine.config.native_kernels else None
+  result["cpu_model"] = _cpu_model()
   before = compile_count()
   t = time.perf_counter()
   # Seconds per program. Compile times only when the persistent compilation cache is off
@@ -444,7 +458,9 @@ _TABLE = [
     ("matmul", "matmul_GFLOPs", "{:.0f} GFLOP/s"),
     ("bytes per decode step", "step_bytes", "{:.3e} B"),
     ("embedding layout, one-slot engine", "embedding_layout", "{}"),
+    ("CPU", "cpu_model", "{}"),
     ("native CPU kernels", "native_kernels", "{}"),
+    ("native kernels' instruction set", "native_isa", "{}"),
     ("roofline TPOT", "roofline_tpot_s", "{:.4f} s"),
     ("TPOT median", "tpot_median_s", "{:.4f} s"),
     ("TPOT p90", "tpot_p90_s", "{:.4f} s"),

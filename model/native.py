@@ -5,7 +5,7 @@ Three pieces of a decode step run far below memory or FMA speed in XLA CPU's own
     activations' rounding to int8, the int8 x int8 products and the rescale, for every
     weight that multiplies the same input in one call. XLA's path (YNNPACK) reads the
     weights at ~12-20 GB/s and wraps each product in two small single-threaded ops; this
-    loop streams them at memory speed with AVX-512 VNNI (the 262144-row head: 5.8 against
+    loop streams them at memory speed with AVX-512 VNNI or AVX2 (the 262144-row head: 5.8 against
     9.1 ms on AMD Zen 5, 6.4 against 13.9 on Intel). The same floats, bit for bit.
   * f32_linear (kernels/f32_linear.cc): float32 linear layers for 2..16 rows (a decode
     step of several slots, a short prefill chunk), every weight that multiplies the same
@@ -19,13 +19,16 @@ Three pieces of a decode step run far below memory or FMA speed in XLA CPU's own
 
 They are compiled from source on first use (g++, a few seconds) into the cache directory
 and registered with jax.ffi. Where that cannot happen (another backend, a CPU without
-AVX-512 VNNI, no compiler), `unavailable_reason()` says why and the model keeps XLA's code.
+AVX-512 VNNI or AVX2, no compiler), `unavailable_reason()` says why and the model keeps
+XLA's code. The library is built for the best of AVX-512 (F, BW, VNNI) and AVX2 with FMA
+that the CPU has (kernels/simd.h); isa() says which.
 ModelConfig.native_kernels selects them; EngineConfig.native_kernels resolves "auto".
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -42,13 +45,75 @@ import jax.numpy as jnp
 INT8_TARGET = "flaxstream_int8_linear"
 F32_TARGET = "flaxstream_f32_linear"
 ATTENTION_TARGET = "flaxstream_attend_decode"
-MAX_INT8_ROWS = 4  # from ~4 rows up XLA's int8 product is as fast (16 rows: 2x faster)
-MAX_F32_ROWS = 16  # at 32 rows XLA's float32 product is faster for some shapes
 _KERNELS = Path(__file__).parent / "kernels"
 _SOURCES = [_KERNELS / "int8_linear.cc", _KERNELS / "f32_linear.cc",
             _KERNELS / "attention_decode.cc"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-_COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vnni"]
+_COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Isa:
+  """An instruction set the kernels are built for (kernels/simd.h), and how many rows each
+  linear kernel takes there: beyond them XLA's own product is as fast or faster (measured
+  with the head and MLP shapes of Gemma 3 270M; docs/performance.md)."""
+  cpu_flags: tuple[str, ...]  # as /proc/cpuinfo spells them
+  compile_flags: tuple[str, ...]
+  int8_rows: int  # int8_linear for 1..int8_rows rows
+  f32_rows: int   # f32_linear for 2..f32_rows rows (0: never)
+
+
+_ISAS = {  # best first
+    # Intel and AMD Zen 5: from ~4 rows XLA's int8 product is as fast (16 rows: 2x faster);
+    # at 32 rows its float32 product is faster for some shapes.
+    "avx512": Isa(("avx512f", "avx512bw", "avx512_vnni"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
+                  int8_rows=4, f32_rows=16),
+    # AMD Zen 1: the int8 head 19 against 27 ms at one row, no faster at four (no byte dot
+    # product instruction: two multiplies per pair of bytes); XLA's float32 product of 4 and 16
+    # rows is as fast as the kernel (the head at 16 rows: 102 against 112 ms, FMA-bound).
+    "avx2": Isa(("avx2", "fma"), ("-mavx2", "-mfma"), int8_rows=1, f32_rows=0),
+}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+  try:
+    return frozenset(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")).split())
+  except (OSError, StopIteration):
+    return None
+
+
+def isa() -> str | None:
+  """The instruction set the kernels are built for on this CPU ("avx512", "avx2"), or None.
+
+  FLAXSTREAM_KERNEL_ISA=avx2 picks a narrower one than the CPU's best, so that an AVX-512
+  machine can test the AVX2 build too (tests/model/test_native.py).
+  """
+  flags = _cpu_flags() or frozenset()
+  wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA")
+  if wanted is not None and wanted not in _ISAS:
+    raise ValueError(f"FLAXSTREAM_KERNEL_ISA={wanted!r}: expected one of {sorted(_ISAS)}")
+  names = [wanted] if wanted else list(_ISAS)
+  return next((name for name in names if set(_ISAS[name].cpu_flags) <= flags), None)
+
+
+def max_int8_rows() -> int:
+  """Products of 1..this many rows go to int8_linear (0 where the kernels cannot be built)."""
+  name = isa()
+  return _ISAS[name].int8_rows if name else 0
+
+
+def max_f32_rows() -> int:
+  """Products of 2..this many rows go to f32_linear (0: none)."""
+  name = isa()
+  return _ISAS[name].f32_rows if name else 0
+
+
+def compile_command(name: str, output: str) -> list[str]:
+  """The compiler's command that builds the kernels for instruction set `name` into output."""
+  cxx = os.environ.get("CXX", "g++")
+  return [cxx, *_COMPILE, *_ISAS[name].compile_flags, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES),
+          "-o", output]
 
 
 def unsupported_here() -> str | None:
@@ -58,14 +123,12 @@ def unsupported_here() -> str | None:
   """
   if jax.default_backend() != "cpu":
     return f"the kernels are for XLA CPU, not {jax.default_backend()}"
-  try:
-    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("flags")).split()
-  except (OSError, StopIteration):
+  if _cpu_flags() is None:
     return "cannot read the CPU's flags from /proc/cpuinfo (x86 Linux only)"
-  missing = [f for f in _CPU_FLAGS if f not in flags]
-  if missing:
-    return f"this CPU lacks {', '.join(missing)}"
+  if isa() is None:
+    wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA")
+    return (f"this CPU lacks {wanted} (FLAXSTREAM_KERNEL_ISA)" if wanted
+            else "this CPU has neither AVX-512 (F, BW, VNNI) nor AVX2 with FMA")
   cxx = os.environ.get("CXX", "g++")
   if shutil.which(cxx) is None:
     return f"no C++ compiler ({cxx!r} not on PATH)"
@@ -76,11 +139,12 @@ def _build() -> Path:
   """The compiled library, built once per sources, jaxlib version and compiler command
   (cached on disk)."""
   from model.gguf_import import cache_dir
-  cxx = os.environ.get("CXX", "g++")
-  files = sorted(_KERNELS.glob("*.[ch]*"))  # the sources and the header they share
+  name = isa()
+  files = sorted(_KERNELS.glob("*.[ch]*"))  # the sources and the headers they share
   key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + jax.lib.__version__.encode()
-                       + " ".join([cxx, platform.machine()] + _COMPILE).encode()).hexdigest()[:16]
-  out = cache_dir() / "kernels" / f"flaxstream_cpu-{key}.so"
+                       + " ".join([platform.machine()] + compile_command(name, "")).encode()
+                       ).hexdigest()[:16]
+  out = cache_dir() / "kernels" / f"flaxstream_cpu_{name}-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +153,7 @@ def _build() -> Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    cmd = [cxx, *_COMPILE, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(compile_command(name, tmp), capture_output=True, text=True, timeout=300)
     if done.returncode:
       raise RuntimeError(f"compiling the native kernels failed:\n{done.stderr[-2000:]}")
     os.chmod(tmp, 0o644)
@@ -138,7 +201,7 @@ def _ready():
 def int8_linear(x, weights):
   """x [M, I] times int8 weights, with dynamic int8 activations: [(q [O, I] int8, scale [O]
   float32), ...] -> [y [M, O] float32, ...], the floats of model/transformer.py's
-  _matmul_int8 for each weight (M <= MAX_INT8_ROWS)."""
+  _matmul_int8 for each weight."""
   _ready()
   outs = [jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32) for q, _ in weights]
   args = [a for q, scale in weights for a in (q, scale.astype(jnp.float32))]

@@ -94,8 +94,9 @@ def _linear(x, w, num_in: int = 1, out_dtype=None, native_kernel: bool = False):
 
 def _native_f32(x2, ws, native_kernel: bool) -> bool:
   """Whether x2 [M,I] times these weights goes to native.f32_linear: float32 weights and
-  2..MAX_F32_ROWS rows (one row is XLA's matrix-vector product, already at memory speed)."""
-  return (native_kernel and 2 <= x2.shape[0] <= native.MAX_F32_ROWS
+  2..native.max_f32_rows() rows (one row is XLA's matrix-vector product, already at memory
+  speed)."""
+  return (native_kernel and 2 <= x2.shape[0] <= native.max_f32_rows()
           and all(not isinstance(w, Int8Weight) and w.dtype == jnp.float32 for w in ws))
 
 
@@ -109,8 +110,9 @@ def _matmul(x2, w2, out_dtype, native_kernel: bool = False):
   faster at 16 rows (Gemma 3 270M's 18 MLPs: 24.8 vs 34.6 ms at batch 16, 100 vs 118 ms for
   a 128-token chunk; the 262144-row vocabulary head: 44 vs 88 ms). The barriers keep the two
   small activation transposes as real copies; without them XLA folds the transposes into the
-  matmul and picks the slow form again. native_kernel: 2..16 float32 rows go to the native
-  kernel instead, ~1.4x faster than any of these forms there (model/native.py).
+  matmul and picks the slow form again. native_kernel: 2..native.max_f32_rows() float32 rows
+  (16 with AVX-512, none with AVX2) go to the native kernel instead, ~1.4x faster than any of
+  these forms there on Intel (model/native.py).
   """
   if _native_f32(x2, [w2], native_kernel):
     return native.f32_linear(x2, [w2])[0].astype(out_dtype)
@@ -143,10 +145,10 @@ def _matmul_int8(x2, q2, scale, out_dtype, native_kernel: bool = False):
   On XLA CPU (YNNPACK, see _dot_rows) the 4x smaller int8 weights make a batch-1 step ~1.7x
   faster than float32 (docs/performance.md). The plain einsum form is the one the library
   takes; _matmul's weight-left form is not handed to it. native_kernel: up to
-  native.MAX_INT8_ROWS rows go to model/native.py's kernel instead, which computes these
+  native.max_int8_rows() rows go to model/native.py's kernel instead, which computes these
   same floats ~2x faster there.
   """
-  if native_kernel and x2.shape[0] <= native.MAX_INT8_ROWS:
+  if native_kernel and x2.shape[0] <= native.max_int8_rows():
     return native.int8_linear(x2, [(q2, scale)])[0].astype(out_dtype)
   x2 = x2.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
@@ -168,7 +170,7 @@ def _linears(x, ws, native_kernel: bool = False):
   if _native_f32(x2, ws, native_kernel):
     ys = native.f32_linear(x2, [w.reshape(-1, x2.shape[1]) for w in ws])
     shapes = [w.shape[:-1] for w in ws]
-  elif (x2.shape[0] <= native.MAX_INT8_ROWS
+  elif (x2.shape[0] <= native.max_int8_rows()
         and all(isinstance(w, Int8Weight) and w.native for w in ws)):
     ys = native.int8_linear(x2, [(w.q.reshape(-1, x2.shape[1]), w.scale.reshape(-1)) for w in ws])
     shapes = [w.q.shape[:-1] for w in ws]

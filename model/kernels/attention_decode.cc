@@ -30,9 +30,11 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace simd = flaxstream::simd;
 
 namespace {
 
@@ -53,15 +55,15 @@ constexpr int64_t kMinSlice = 256;  // positions; shorter slices cost more to me
 // other (one dot at a time is bound by the FMA latency, ~4x slower at G = 4).
 template <int G>
 inline void dots(const float* q, const float* key, int64_t H, float* out) {
-  __m512 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  simd::Floats acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = simd::zero();
   int64_t i = 0;
-  for (; i + 16 <= H; i += 16) {
-    const __m512 kv = _mm512_loadu_ps(key + i);
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + i), kv, acc[g]);
+  for (; i + simd::kFloats <= H; i += simd::kFloats) {
+    const simd::Floats kv = simd::load(key + i);
+    for (int g = 0; g < G; ++g) acc[g] = simd::fma(simd::load(q + g * H + i), kv, acc[g]);
   }
   for (int g = 0; g < G; ++g) {
-    float s = _mm512_reduce_add_ps(acc[g]);
+    float s = simd::sum(acc[g]);
     for (int64_t j = i; j < H; ++j) s += q[g * H + j] * key[j];
     out[g] = s;
   }
@@ -74,10 +76,10 @@ void dots_any(const float* q, const float* key, int64_t G, int64_t H, float* out
 }
 
 inline void axpy(float w, const float* x, float* y, int64_t n) {
-  const __m512 wv = _mm512_set1_ps(w);
+  const simd::Floats wv = simd::splat(w);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i + simd::kFloats <= n; i += simd::kFloats)
+    simd::store(y + i, simd::fma(wv, simd::load(x + i), simd::load(y + i)));
   for (; i < n; ++i) y[i] += w * x[i];
 }
 

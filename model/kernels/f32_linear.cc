@@ -7,8 +7,9 @@
 // (YNNPACK) runs far below the machine's FMA rate for so few rows (Gemma 3 270M, 16 rows:
 // ~90-100 GFLOP/s against ~250 at 128 rows; the 262144-row vocabulary head: ~60 ms for 16
 // rows, while reading its 671 MB once takes ~23 ms). This loop keeps a tile of 4 weight
-// rows in cache while every group of 4 input rows passes over it, so each weight byte
-// comes from memory once per call and the FMA units stay busy.
+// rows in cache while every group of input rows (4 with AVX-512, 2 with AVX2) passes over
+// it, so each weight byte comes from memory once per call and the FMA units stay busy.
+// Written once for both instruction sets against simd.h.
 //
 // The sums are float32 in another order than XLA's, so results agree with XLA's path up
 // to float32 rounding (tests/model/test_native.py).
@@ -24,9 +25,11 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+namespace simd = flaxstream::simd;
 
 namespace {
 
@@ -43,56 +46,47 @@ struct Problem {
   int64_t rows, in;
 };
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : ((1u << n) - 1); }
-
-// Four sums, one per vector: [sum(v0), sum(v1), sum(v2), sum(v3)].
-inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
-  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
-  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
-  const __m512 c = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))));
-  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
-}
+// Input rows per group: R x G sums, R weight vectors and one input vector stay in registers
+// (AVX-512: 4 x 4 + 4 + 1 of 32; AVX2: 4 x 2 + 4 + 1 of 16).
+constexpr int kGroup = simd::kRegisters / 8;
 
 // R weight rows (4, or 1 for a remainder) from row o of weight `wt`, times MR input rows
-// (MR <= 4) from row m0: 4 x 4 accumulators, 8 loads per 16 FMAs. Meanwhile weight rows
+// (MR <= kGroup) from row m0: with AVX-512 4 x 4 accumulators, 8 loads per 16 FMAs. Meanwhile weight rows
 // pf_lo .. pf_lo + PF - 1 of the tile two ahead are prefetched into L2, a line per
 // column, so memory works while the FMAs do (without prefetching, 16 rows of the head took
 // about the sum of its memory and its compute time). PF is a template argument: as a
 // loop bound read at run time it cost the 4-row head ~10%.
 template <int R, int MR, int PF>
 void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int pf_lo) {
-  __m512 acc[MR][R];
+  simd::Floats acc[MR][R];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[m][r] = simd::zero();
   const int64_t in = p.in;
   const float* ahead = wt.w + (o + 2 * R + pf_lo) * in;
-  auto column = [&](int64_t i, __mmask16 k, auto masked) {
+  // n < kFloats: the last, partial column.
+  auto column = [&](int64_t i, int64_t n, auto partial) {
     for (int r = 0; r < PF; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(ahead + r * in + i), _MM_HINT_T1);
-    __m512 w[R];
+    simd::Floats w[R];
     for (int r = 0; r < R; ++r) {
       const float* src = wt.w + (o + r) * in + i;
-      w[r] = masked ? _mm512_maskz_loadu_ps(k, src) : _mm512_loadu_ps(src);
+      w[r] = partial ? simd::load_first(src, n) : simd::load(src);
     }
     for (int m = 0; m < MR; ++m) {
       const float* src = p.x + (m0 + m) * in + i;
-      const __m512 xv = masked ? _mm512_maskz_loadu_ps(k, src) : _mm512_loadu_ps(src);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+      const simd::Floats xv = partial ? simd::load_first(src, n) : simd::load(src);
+      for (int r = 0; r < R; ++r) acc[m][r] = simd::fma(xv, w[r], acc[m][r]);
     }
   };
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) column(i, 0, std::false_type{});
-  if (i < in) column(i, tail_mask(in - i), std::true_type{});
+  for (; i + simd::kFloats <= in; i += simd::kFloats) column(i, simd::kFloats, std::false_type{});
+  if (i < in) column(i, in - i, std::true_type{});
   for (int m = 0; m < MR; ++m) {
     float* dst = wt.out + (m0 + m) * wt.rows + o;
     if constexpr (R == 4) {
-      _mm_storeu_ps(dst, reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+      _mm_storeu_ps(dst, simd::sum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
     } else {
-      for (int r = 0; r < R; ++r) dst[r] = _mm512_reduce_add_ps(acc[m][r]);
+      for (int r = 0; r < R; ++r) dst[r] = simd::sum(acc[m][r]);
     }
   }
 }
@@ -108,19 +102,19 @@ void prefetching_tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0,
   }
 }
 
-// Every group of (up to) 4 input rows over the R weight rows at o. The groups share the
-// prefetching of the tile two ahead (none when that is past the chunk), a few rows each,
-// so the requests are spread over the whole tile's time.
+// Every group of (up to) kGroup input rows over the R weight rows at o. The groups share
+// the prefetching of the tile two ahead (none when that is past the chunk), a few rows
+// each, so the requests are spread over the whole tile's time.
 template <int R>
 void tiles(const Problem& p, const Weight& wt, int64_t o, bool prefetch) {
-  const int groups = static_cast<int>((p.rows + 3) / 4);
+  const int groups = static_cast<int>((p.rows + kGroup - 1) / kGroup);
   const int per_group = prefetch ? (R + groups - 1) / groups : 0;
   for (int g = 0; g < groups; ++g) {
-    const int64_t m = 4 * g;
+    const int64_t m = kGroup * g;
     const int lo = std::min(R, g * per_group), n = std::min(R, lo + per_group) - lo;
-    switch (std::min<int64_t>(p.rows - m, 4)) {
-      case 4: prefetching_tile<R, 4>(p, wt, o, m, lo, n); break;
-      case 3: prefetching_tile<R, 3>(p, wt, o, m, lo, n); break;
+    switch (std::min<int64_t>(p.rows - m, kGroup)) {
+      case 4: if constexpr (kGroup >= 4) prefetching_tile<R, 4>(p, wt, o, m, lo, n); break;
+      case 3: if constexpr (kGroup >= 3) prefetching_tile<R, 3>(p, wt, o, m, lo, n); break;
       case 2: prefetching_tile<R, 2>(p, wt, o, m, lo, n); break;
       case 1: prefetching_tile<R, 1>(p, wt, o, m, lo, n); break;
     }

@@ -44,6 +44,8 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert v["throughput16_tokens_per_s"] > 0
   kernels = native.unsupported_here() is None  # "auto" uses the native kernels where they run
   assert result["native_kernels"] is kernels and v["native_kernels"] is kernels
+  assert result["native_isa"] == (native.isa() if kernels else None)
+  assert isinstance(result["cpu_model"], str) and result["cpu_model"]
   xla = result["variants"]["int8_dynamic_xla"]  # the same model with XLA's code throughout
   assert xla["native_kernels"] is False and xla["weight_bytes"] == v["weight_bytes"]
   assert "throughput16_tokens_per_s" not in xla

@@ -3,6 +3,11 @@ decode attention is XLA's block loop up to float32 rounding, and engines that us
 what engines without them stream."""
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +25,8 @@ from model.transformer import _matmul, _matmul_int8
 
 @pytest.fixture
 def kernels():
-  """Skips only where the kernels cannot run (another backend, no AVX-512 VNNI, no compiler);
+  """Skips only where the kernels cannot run (another backend, neither AVX-512 VNNI nor AVX2,
+  no compiler);
   on a machine that could run them, kernels that fail to build fail the tests."""
   reason = native.unsupported_here()
   if reason:
@@ -36,8 +42,8 @@ def _int8_linear_xla(x, q, scale):
 @pytest.mark.parametrize("rows,out,inner", [(1, 300, 640), (2, 64, 2048), (3, 37, 70),
                                             (4, 5, 129), (1, 1027, 64), (4, 4096, 1)])
 def test_int8_linear_sums_are_the_exact_int32_products(rows, out, inner):
-  """Every int8 value, including -128 and 127; widths that leave a partial 64-byte tail and
-  row counts that leave a partial tile of four. Integer x with a 127 in every row has
+  """Every int8 value, including -128 and 127; widths that leave a partial vector at the end
+  (64 bytes with AVX-512, 32 with AVX2) and row counts that leave a partial tile. Integer x with a 127 in every row has
   activation scale 1, so with weight scales 1 the outputs are the int32 sums as floats."""
   rng = np.random.default_rng(rows * out + inner)
   x = rng.integers(-127, 128, (rows, inner)).astype(np.float32)
@@ -53,8 +59,9 @@ def test_int8_linear_sums_are_the_exact_int32_products(rows, out, inner):
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("wv", [-128, 127])
 def test_int8_linear_at_the_extreme_values(wv):
-  """x = 127 is the largest biased byte (255), against all -128 or all 127 over 2048 inputs
-  (the widest product in Gemma 3 270M): the bias and its correction at their largest."""
+  """x = 127 against all -128 or all 127 over 2048 inputs (the widest product in Gemma 3
+  270M): with AVX-512 the largest biased byte (255) and the bias's correction at their
+  largest; with AVX2 the largest byte pairs (2 * 128 * 127, just under int16's limit)."""
   x = jnp.full((1, 2048), 127.0)
   w = jnp.full((8, 2048), wv, jnp.int8)
   (got,) = native.int8_linear(x, [(w, jnp.ones((8,)))])
@@ -129,8 +136,9 @@ def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths, kv):
                                                (5, [2048], 2048), (16, [262, 1], 17),
                                                (16, [64], 640), (7, [9], 1), (4, [3], 0)])
 def test_f32_linear_equals_the_float64_product(rows, shapes, inner):
-  """Several weights in one call; row and output counts that leave partial tiles of four,
-  widths that leave a partial 16-float tail (and none at all)."""
+  """Several weights in one call; row and output counts that leave partial tiles, widths
+  that leave a partial vector at the end (16 floats with AVX-512, 8 with AVX2; and none at
+  all)."""
   rng = np.random.default_rng(rows * inner + len(shapes))
   x = rng.standard_normal((rows, inner)).astype(np.float32)
   ws = [rng.standard_normal((o, inner)).astype(np.float32) for o in shapes]
@@ -143,16 +151,64 @@ def test_f32_linear_equals_the_float64_product(rows, shapes, inner):
 
 
 @pytest.mark.usefixtures("kernels")
-@pytest.mark.parametrize("rows,uses_kernel", [(1, False), (2, True), (16, True), (17, False)])
-def test_f32_products_of_2_to_16_rows_use_the_kernel(rows, uses_kernel):
-  """_matmul sends float32 products of 2..MAX_F32_ROWS rows to the kernel when asked (one
-  row stays XLA's matrix-vector product), and gets XLA's result up to float32 rounding."""
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_f32_products_of_a_few_rows_use_the_kernel(rows):
+  """_matmul sends float32 products of 2..max_f32_rows() rows to the kernel when asked (16
+  with AVX-512, none with AVX2; one row stays XLA's matrix-vector product), and gets XLA's
+  result up to float32 rounding."""
+  uses_kernel = 2 <= rows <= native.max_f32_rows()
+  assert native.max_f32_rows() == {"avx512": 16, "avx2": 0}[native.isa()]
   x = jax.random.normal(jax.random.key(0), (rows, 640))
   w = jax.random.normal(jax.random.key(1), (300, 640))
   f = jax.jit(lambda x, w: _matmul(x, w, jnp.float32, native_kernel=True))
   assert (native.F32_TARGET in f.lower(x, w).as_text()) is uses_kernel
   np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(_matmul(x, w, jnp.float32)),
                              rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_int8_products_of_a_few_rows_use_the_kernel(rows):
+  """_matmul_int8 sends 1..max_int8_rows() rows to the kernel (4 with AVX-512, 1 with AVX2)."""
+  assert native.max_int8_rows() == {"avx512": 4, "avx2": 1}[native.isa()]
+  x = jax.random.normal(jax.random.key(0), (rows, 64))
+  q = jnp.ones((8, 64), jnp.int8)
+  f = jax.jit(lambda x, q: _matmul_int8(x, q, jnp.ones((8,)), jnp.float32, native_kernel=True))
+  assert (native.INT8_TARGET in f.lower(x, q).as_text()) is (rows <= native.max_int8_rows())
+
+
+def test_kernels_compile_for_every_instruction_set():
+  """The sources compile for the instruction sets this machine does not build for, so a
+  change that breaks the other build fails here too (the one in use is built and run by the
+  tests above)."""
+  if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no C++ compiler")
+  others = [name for name in native._ISAS if name != native.isa()]
+  for name in others:
+    done = subprocess.run(native.compile_command(name, os.devnull) + ["-fsyntax-only"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{name}: {done.stderr[-2000:]}"
+
+
+@pytest.mark.usefixtures("kernels")
+def test_a_narrower_instruction_set_gives_the_same_results():
+  """On an AVX-512 machine, the AVX2 build runs this file's product and attention tests in a
+  child process (FLAXSTREAM_KERNEL_ISA=avx2); on an AVX2 machine they ran above already."""
+  if native.isa() == "avx2":
+    pytest.skip("the kernels in use are the AVX2 build")
+  env = dict(os.environ, FLAXSTREAM_KERNEL_ISA="avx2")
+  done = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+       "-k", "int8_linear or f32_linear or attend_decode"],
+      capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).parents[2])
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+  assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+
+
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+  monkeypatch.setenv("FLAXSTREAM_KERNEL_ISA", "sse2")
+  with pytest.raises(ValueError, match="FLAXSTREAM_KERNEL_ISA"):
+    native.isa()
 
 
 def _streams(config, params, tok, num_slots, mode):
