@@ -5,13 +5,15 @@ Three pieces of a decode step run far below memory or FMA speed in XLA CPU's own
     activations' rounding to int8, the int8 x int8 products and the rescale, for every
     weight that multiplies the same input in one call. XLA's path (YNNPACK) reads the
     weights at ~12-20 GB/s and wraps each product in two small single-threaded ops; this
-    loop streams them at memory speed with AVX-512 VNNI or AVX2 (the 262144-row head: 5.8 against
-    9.1 ms on AMD Zen 5, 6.4 against 13.9 on Intel). The same floats, bit for bit.
+    loop streams them with AVX-512 VNNI or AVX2 (the 262144-row head: 5.8 against 9.1 ms on
+    AMD Zen 5, 6.4 against 13.9 on Intel, 16.3 against 30.5 on AMD Zen 1 with AVX2). The
+    same floats, bit for bit.
   * f32_linear (kernels/f32_linear.cc): float32 linear layers for 2..16 rows (a decode
     step of several slots, a short prefill chunk), every weight that multiplies the same
     input in one call. XLA's product runs at ~20-100 GFLOP/s there; the kernel keeps a tile
     of weight rows in cache for all the rows and prefetches ahead (the head at 16 rows:
-    37-38 against 60-63 ms on Intel). The same sums up to float32 rounding order.
+    37-38 against 60-63 ms on Intel). The same sums up to float32 rounding order. Routed
+    only with AVX-512: with AVX2 XLA's product is as fast (Isa below).
   * attend_decode (kernels/attention_decode.cc): one query per row against a layer's KV
     cache. XLA's block loop copies every cache block it reads and hands two tiny products
     per block to its matmul library (~50 us a call); the kernel reads the filled positions
@@ -83,14 +85,16 @@ def _cpu_flags() -> frozenset[str] | None:
     return None
 
 
+@functools.cache
 def isa() -> str | None:
   """The instruction set the kernels are built for on this CPU ("avx512", "avx2"), or None.
 
   FLAXSTREAM_KERNEL_ISA=avx2 picks a narrower one than the CPU's best, so that an AVX-512
-  machine can test the AVX2 build too (tests/model/test_native.py).
+  machine can test the AVX2 build too (tests/model/test_native.py); another name is a
+  ValueError, not a silent fallback. Read once per process, like the library it selects.
   """
   flags = _cpu_flags() or frozenset()
-  wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA")
+  wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA") or None
   if wanted is not None and wanted not in _ISAS:
     raise ValueError(f"FLAXSTREAM_KERNEL_ISA={wanted!r}: expected one of {sorted(_ISAS)}")
   names = [wanted] if wanted else list(_ISAS)
@@ -98,7 +102,8 @@ def isa() -> str | None:
 
 
 def max_int8_rows() -> int:
-  """Products of 1..this many rows go to int8_linear (0 where the kernels cannot be built)."""
+  """Products of 1..this many rows go to int8_linear when the kernels are on (0 on a CPU
+  without either instruction set)."""
   name = isa()
   return _ISAS[name].int8_rows if name else 0
 
@@ -126,7 +131,7 @@ def unsupported_here() -> str | None:
   if _cpu_flags() is None:
     return "cannot read the CPU's flags from /proc/cpuinfo (x86 Linux only)"
   if isa() is None:
-    wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA")
+    wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA") or None
     return (f"this CPU lacks {wanted} (FLAXSTREAM_KERNEL_ISA)" if wanted
             else "this CPU has neither AVX-512 (F, BW, VNNI) nor AVX2 with FMA")
   cxx = os.environ.get("CXX", "g++")

@@ -170,8 +170,8 @@ def _linears(x, ws, native_kernel: bool = False):
   if _native_f32(x2, ws, native_kernel):
     ys = native.f32_linear(x2, [w.reshape(-1, x2.shape[1]) for w in ws])
     shapes = [w.shape[:-1] for w in ws]
-  elif (x2.shape[0] <= native.max_int8_rows()
-        and all(isinstance(w, Int8Weight) and w.native for w in ws)):
+  elif (all(isinstance(w, Int8Weight) and w.native for w in ws)
+        and x2.shape[0] <= native.max_int8_rows()):
     ys = native.int8_linear(x2, [(w.q.reshape(-1, x2.shape[1]), w.scale.reshape(-1)) for w in ws])
     shapes = [w.q.shape[:-1] for w in ws]
   else:

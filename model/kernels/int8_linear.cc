@@ -60,7 +60,7 @@ struct Problem {
   int64_t rows, in;
 };
 
-#if defined(__AVX512VNNI__)
+#if defined(FLAXSTREAM_AVX512)
 
 constexpr int kBytes = 64;  // a vector
 constexpr int kGroup = 4;   // input rows per tile: 4 x 4 sums, 4 biases, 4 weights of 32

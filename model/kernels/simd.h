@@ -21,6 +21,7 @@
 namespace flaxstream::simd {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define FLAXSTREAM_AVX512 1  // the kernels' own code for each set tests this, not the compiler's
 
 constexpr int kFloats = 16;
 constexpr int kRegisters = 32;  // vector registers: how large a tile of sums fits
