@@ -67,11 +67,12 @@ class Isa:
 _ISAS = {  # best first
     # Intel and AMD Zen 5: from ~4 rows XLA's int8 product is as fast (16 rows: 2x faster);
     # at 32 rows its float32 product is faster for some shapes.
-    "avx512": Isa(("avx512f", "avx512bw", "avx512_vnni"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
-                  int8_rows=4, f32_rows=16),
-    # AMD Zen 1: the int8 head 19 against 27 ms at one row, no faster at four (no byte dot
-    # product instruction: two multiplies per pair of bytes); XLA's float32 product of 4 and 16
-    # rows is as fast as the kernel (the head at 16 rows: 102 against 112 ms, FMA-bound).
+    "avx512": Isa(("avx512f", "avx512bw", "avx512_vnni"),
+                  ("-mavx512f", "-mavx512bw", "-mavx512vnni"), int8_rows=4, f32_rows=16),
+    # AMD Zen 1: the int8 head 16.3 against 30.5 ms at one row, no faster at four (no byte
+    # dot product instruction: two multiplies per pair of bytes); XLA's float32 product of 4
+    # and 16 rows is as fast as the kernel (the head at 16 rows: 102 against 112 ms,
+    # FMA-bound).
     "avx2": Isa(("avx2", "fma"), ("-mavx2", "-mfma"), int8_rows=1, f32_rows=0),
 }
 
@@ -85,6 +86,10 @@ def _cpu_flags() -> frozenset[str] | None:
     return None
 
 
+def _requested() -> str | None:
+  return os.environ.get("FLAXSTREAM_KERNEL_ISA") or None  # empty: not set
+
+
 @functools.cache
 def isa() -> str | None:
   """The instruction set the kernels are built for on this CPU ("avx512", "avx2"), or None.
@@ -94,7 +99,7 @@ def isa() -> str | None:
   ValueError, not a silent fallback. Read once per process, like the library it selects.
   """
   flags = _cpu_flags() or frozenset()
-  wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA") or None
+  wanted = _requested()
   if wanted is not None and wanted not in _ISAS:
     raise ValueError(f"FLAXSTREAM_KERNEL_ISA={wanted!r}: expected one of {sorted(_ISAS)}")
   names = [wanted] if wanted else list(_ISAS)
@@ -117,8 +122,8 @@ def max_f32_rows() -> int:
 def compile_command(name: str, output: str) -> list[str]:
   """The compiler's command that builds the kernels for instruction set `name` into output."""
   cxx = os.environ.get("CXX", "g++")
-  return [cxx, *_COMPILE, *_ISAS[name].compile_flags, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES),
-          "-o", output]
+  return [cxx, *_COMPILE, *_ISAS[name].compile_flags, f"-I{jax.ffi.include_dir()}",
+          *map(str, _SOURCES), "-o", output]
 
 
 def unsupported_here() -> str | None:
@@ -131,7 +136,7 @@ def unsupported_here() -> str | None:
   if _cpu_flags() is None:
     return "cannot read the CPU's flags from /proc/cpuinfo (x86 Linux only)"
   if isa() is None:
-    wanted = os.environ.get("FLAXSTREAM_KERNEL_ISA") or None
+    wanted = _requested()
     return (f"this CPU lacks {wanted} (FLAXSTREAM_KERNEL_ISA)" if wanted
             else "this CPU has neither AVX-512 (F, BW, VNNI) nor AVX2 with FMA")
   cxx = os.environ.get("CXX", "g++")

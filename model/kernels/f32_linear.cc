@@ -53,7 +53,8 @@ constexpr int kGroup = simd::kRegisters / 8;
 // R weight rows (4, or 1 for a remainder) from row o of weight `wt`, times MR input rows
 // (MR <= kGroup) from row m0: with AVX-512 4 x 4 accumulators, 8 loads per 16 FMAs.
 // Meanwhile weight rows pf_lo .. pf_lo + PF - 1 of the tile two ahead are prefetched into
-// L2, a line per 64-byte column (with AVX2 each line twice), so memory works while the FMAs do (without prefetching, 16 rows of the head took
+// L2, a line per 64-byte column (with AVX2 each line twice), so memory works while the
+// FMAs do (without prefetching, 16 rows of the head took
 // about the sum of its memory and its compute time). PF is a template argument: as a
 // loop bound read at run time it cost the 4-row head ~10%.
 template <int R, int MR, int PF>

@@ -84,7 +84,6 @@ struct Operand {  // one vector of weights
 inline Operand operand(Bytes w) { return {w}; }
 inline Sums dot(Sums acc, Bytes x, Operand w) { return _mm512_dpbusd_epi32(acc, x, w.w); }
 // What the bias added: 128 * w, taken off each row's sums at the end.
-constexpr bool kBiased = true;
 inline Sums bias(Sums acc, Operand w) {
   return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(static_cast<char>(0x80)), w.w);
 }
@@ -129,8 +128,7 @@ inline Sums dot(Sums acc, Bytes x, Operand w) {
   const __m256i pairs = _mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(x, w.w));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
-constexpr bool kBiased = false;
-inline Sums bias(Sums acc, Operand) { return acc; }
+inline Sums bias(Sums acc, Operand) { return acc; }  // no bias to take off
 inline Sums sub(Sums a, Sums) { return a; }
 
 inline int32_t sum(Sums v) {
@@ -187,7 +185,7 @@ void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, bool prefet
     for (int r = 0; r < R; ++r) {
       const int8_t* src = wt.w + (o + r) * in + i;
       w[r] = operand(partial ? load_first(src, n) : load(src));
-      if constexpr (kBiased) biases[r] = bias(biases[r], w[r]);
+      biases[r] = bias(biases[r], w[r]);
     }
     for (int m = 0; m < MR; ++m) {
       const uint8_t* src = p.x.data() + (m0 + m) * in + i;

@@ -45,8 +45,9 @@ def _int8_linear_xla(x, q, scale):
                                             (4, 5, 129), (1, 1027, 64), (4, 4096, 1)])
 def test_int8_linear_sums_are_the_exact_int32_products(rows, out, inner):
   """Every int8 value, including -128 and 127; widths that leave a partial vector at the end
-  (64 bytes with AVX-512, 32 with AVX2) and row counts that leave a partial tile. Integer x with a 127 in every row has
-  activation scale 1, so with weight scales 1 the outputs are the int32 sums as floats."""
+  (64 bytes with AVX-512, 32 with AVX2) and row counts that leave a partial tile. Integer x
+  with a 127 in every row has activation scale 1, so with weight scales 1 the outputs are the
+  int32 sums as floats."""
   rng = np.random.default_rng(rows * out + inner)
   x = rng.integers(-127, 128, (rows, inner)).astype(np.float32)
   x[:, 0] = 127
