@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from model import native
 
 RATIOS = ("tpot_over_roofline", "stream_over_fused", "throughput16_over_compute_roofline",
@@ -25,6 +27,13 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert result["compiles_after_warmup"] == 0
   assert result["stream_equals_fused"] is True
   assert result["memory_bandwidth_GBps"] > 0.1 and result["matmul_GFLOPs"] > 0.1
+  # Each roofline is read at the start and the end of the run; the higher reading counts.
+  for key in ("memory_bandwidth_GBps", "matmul_GFLOPs"):
+    readings = result[f"{key}_readings"]
+    assert len(readings) == 2 and result[key] == max(readings) > 0, key
+  assert result["roofline_tpot_s"] == pytest.approx(
+      result["step_bytes"] / (result["memory_bandwidth_GBps"] * 1e9))
+  assert 0 <= result["page_faults_per_step"]
   assert result["step_bytes"] > result["weight_bytes"] > 0
   assert result["embedding_layout"] == "DV"  # the one-slot float32 engine on CPU
   assert set(result["throughput_tokens_per_s"]) == {"1", "4"}
