@@ -63,25 +63,24 @@ _PEER = flags.DEFINE_bool(
     "(torch) and llama.cpp (llama-cpp-python, on the GGUF file).")
 
 
-def _median_time(fn, repeats):
+def _times(fn, repeats):
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return times
+
+
+def _median_time(fn, repeats):
+  return float(np.median(_times(fn, repeats)))
 
 
 def _best_time(fn, repeats):
   """The fastest of `repeats` calls: for the rooflines, which are what the machine can
   achieve, and on this shared machine other work only ever slows a call down (run 19's
   square matmul read 206 GFLOP/s as a median of 5, its 128-row MLP product 347)."""
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
+  return min(_times(fn, repeats))
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 9) -> dict:
