@@ -112,6 +112,13 @@ def matmul_flops(n: int, repeats: int = 9) -> float:
   return 2 * n ** 3 / _best_time(lambda: f(x).block_until_ready(), repeats)
 
 
+def rooflines(smoke: bool) -> dict:
+  """One reading of both rooflines: memory_bandwidth's figures and matmul_GFLOPs."""
+  out = memory_bandwidth(2**27 if smoke else 2**30)
+  out["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
+  return out
+
+
 def matmul_flops_by_rows(rows, k: int, n: int, repeats: int = 9) -> dict:
   """FLOP/s of an output-major [n, k] weight times `rows` rows, the model's MLP shape.
 
@@ -396,9 +403,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
 
   result = {"config": config.to_dict(), "smoke": smoke, "backend": jax.default_backend(),
             "devices": len(jax.devices())}
-  bandwidth_bytes, matmul_n = (2**27, 256) if smoke else (2**30, 2048)
-  result.update(memory_bandwidth(bandwidth_bytes))
-  result["matmul_GFLOPs"] = matmul_flops(matmul_n) / 1e9
+  first_rooflines = rooflines(smoke)
 
   model_config, params, tok = build.load(config, progress=False)
   result["mlp_matmul_GFLOPs_by_rows"] = matmul_flops_by_rows(
@@ -448,12 +453,11 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
 
   # The rooflines once more, now that the run is done: the higher of the two readings counts
   # (a busy minute at the start would otherwise make every ratio of the run look better).
-  again = memory_bandwidth(bandwidth_bytes)
-  result["memory_bandwidth_GBps_readings"] = [result["memory_bandwidth_GBps"],
-                                              again["memory_bandwidth_GBps"]]
-  result["matmul_GFLOPs_readings"] = [result["matmul_GFLOPs"], matmul_flops(matmul_n) / 1e9]
-  result["memory_bandwidth_GBps"] = max(result["memory_bandwidth_GBps_readings"])
-  result["matmul_GFLOPs"] = max(result["matmul_GFLOPs_readings"])
+  readings = [first_rooflines, rooflines(smoke)]
+  for key in first_rooflines:
+    result[key] = max(r[key] for r in readings)
+  for key in ("memory_bandwidth_GBps", "matmul_GFLOPs"):
+    result[f"{key}_readings"] = [r[key] for r in readings]
   result["roofline_tpot_s"] = step_bytes / (result["memory_bandwidth_GBps"] * 1e9)
   compute_tokens_per_s = result["matmul_GFLOPs"] * 1e9 / (2 * model_config.num_params)
   # TTFT floor for 128 tokens: every non-embedding weight multiplies 128 rows (timed on the
