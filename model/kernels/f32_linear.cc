@@ -8,7 +8,8 @@
 // ~90-100 GFLOP/s against ~250 at 128 rows; the 262144-row vocabulary head: ~60 ms for 16
 // rows, while reading its 671 MB once takes ~23 ms). This loop keeps a tile of 4 weight
 // rows in cache while every group of input rows (4 with AVX-512, 2 with AVX2) passes over
-// it, so each weight byte comes from memory once per call and the FMA units stay busy.
+// it, so each weight byte comes from memory once per call and the FMA units stay busy; a
+// wide input is cut into blocks that keep x in L1 (run_chunk).
 // Written once for both instruction sets against simd.h.
 //
 // The sums are float32 in another order than XLA's, so results agree with XLA's path up
@@ -46,28 +47,36 @@ struct Problem {
   int64_t rows, in;
 };
 
+// Input columns [lo, hi) of a block (run_chunk).
+struct Columns {
+  int64_t lo, hi;
+};
+
 // Input rows per group: R x G sums, R weight vectors and one input vector stay in registers
 // (AVX-512: 4 x 4 + 4 + 1 of 32; AVX2: 4 x 2 + 4 + 1 of 16).
 constexpr int kGroup = simd::kRegisters / 8;
 
 // R weight rows (4, or 1 for a remainder) from row o of weight `wt`, times MR input rows
-// (MR <= kGroup) from row m0: with AVX-512 4 x 4 accumulators, 8 loads per 16 FMAs.
-// Meanwhile weight rows pf_lo .. pf_lo + PF - 1 of the tile two ahead are prefetched into
-// L2, a line per 64-byte column (with AVX2 each line twice), so memory works while the
-// FMAs do (without prefetching, 16 rows of the head took
-// about the sum of its memory and its compute time). PF is a template argument: as a
-// loop bound read at run time it cost the 4-row head ~10%.
+// (MR <= kGroup) from row m0, over the columns cols: with AVX-512 4 x 4 accumulators,
+// 8 loads per 16 FMAs. The sums go to out, or are added to it after the first block of
+// columns (run_chunk). Meanwhile weight rows pf_lo .. pf_lo + PF - 1 of the next tile are
+// prefetched into L1, a line per 64-byte column (with AVX2 each line twice), so memory
+// works while the FMAs do. Without prefetching, 16 rows of the head took about the sum of
+// its memory and its compute time. On AMD Zen 5 the next tile into L1 beat two tiles ahead
+// into L2 (the head at 16 rows: 20-21.5 against 23-24.5 ms, three alternating runs; at 2-8
+// rows, where memory alone sets the pace, the two are the same). PF is a template
+// argument: as a loop bound read at run time it cost the 4-row head ~10%.
 template <int R, int MR, int PF>
-void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int pf_lo) {
+void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int pf_lo, Columns cols) {
   simd::Floats acc[MR][R];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = simd::zero();
   const int64_t in = p.in;
-  const float* ahead = wt.w + (o + 2 * R + pf_lo) * in;
+  const float* ahead = wt.w + (o + R + pf_lo) * in;
   // n < kFloats: the last, partial column.
   auto column = [&](int64_t i, int64_t n, auto partial) {
     for (int r = 0; r < PF; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + r * in + i), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + r * in + i), _MM_HINT_T0);
     simd::Floats w[R];
     for (int r = 0; r < R; ++r) {
       const float* src = wt.w + (o + r) * in + i;
@@ -79,54 +88,72 @@ void tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int pf_lo) 
       for (int r = 0; r < R; ++r) acc[m][r] = simd::fma(xv, w[r], acc[m][r]);
     }
   };
-  int64_t i = 0;
-  for (; i + simd::kFloats <= in; i += simd::kFloats) column(i, simd::kFloats, std::false_type{});
-  if (i < in) column(i, in - i, std::true_type{});
+  int64_t i = cols.lo;
+  for (; i + simd::kFloats <= cols.hi; i += simd::kFloats)
+    column(i, simd::kFloats, std::false_type{});
+  if (i < cols.hi) column(i, cols.hi - i, std::true_type{});
   for (int m = 0; m < MR; ++m) {
     float* dst = wt.out + (m0 + m) * wt.rows + o;
     if constexpr (R == 4) {
-      _mm_storeu_ps(dst, simd::sum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+      __m128 sums = simd::sum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+      if (cols.lo > 0) sums = _mm_add_ps(sums, _mm_loadu_ps(dst));
+      _mm_storeu_ps(dst, sums);
     } else {
-      for (int r = 0; r < R; ++r) dst[r] = simd::sum(acc[m][r]);
+      for (int r = 0; r < R; ++r) dst[r] = (cols.lo > 0 ? dst[r] : 0.0f) + simd::sum(acc[m][r]);
     }
   }
 }
 
 template <int R, int MR>
-void prefetching_tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int lo, int n) {
+void prefetching_tile(const Problem& p, const Weight& wt, int64_t o, int64_t m0, int lo, int n,
+                      Columns cols) {
   switch (n) {  // at most R = 4 rows
-    case 0: tile<R, MR, 0>(p, wt, o, m0, lo); break;
-    case 1: tile<R, MR, 1>(p, wt, o, m0, lo); break;
-    case 2: tile<R, MR, 2>(p, wt, o, m0, lo); break;
-    case 3: tile<R, MR, 3>(p, wt, o, m0, lo); break;
-    default: tile<R, MR, 4>(p, wt, o, m0, lo); break;
+    case 0: tile<R, MR, 0>(p, wt, o, m0, lo, cols); break;
+    case 1: tile<R, MR, 1>(p, wt, o, m0, lo, cols); break;
+    case 2: tile<R, MR, 2>(p, wt, o, m0, lo, cols); break;
+    case 3: tile<R, MR, 3>(p, wt, o, m0, lo, cols); break;
+    default: tile<R, MR, 4>(p, wt, o, m0, lo, cols); break;
   }
 }
 
 // Every group of (up to) kGroup input rows over the R weight rows at o. The groups share
-// the prefetching of the tile two ahead (none when that is past the chunk), a few rows
-// each, so the requests are spread over the whole tile's time.
+// the prefetching of the next tile (none when that is past the chunk), a few rows each, so
+// the requests are spread over the whole tile's time.
 template <int R>
-void tiles(const Problem& p, const Weight& wt, int64_t o, bool prefetch) {
+void tiles(const Problem& p, const Weight& wt, int64_t o, bool prefetch, Columns cols) {
   const int groups = static_cast<int>((p.rows + kGroup - 1) / kGroup);
   const int per_group = prefetch ? (R + groups - 1) / groups : 0;
   for (int g = 0; g < groups; ++g) {
     const int64_t m = kGroup * g;
     const int lo = std::min(R, g * per_group), n = std::min(R, lo + per_group) - lo;
     switch (std::min<int64_t>(p.rows - m, kGroup)) {
-      case 4: if constexpr (kGroup >= 4) prefetching_tile<R, 4>(p, wt, o, m, lo, n); break;
-      case 3: if constexpr (kGroup >= 3) prefetching_tile<R, 3>(p, wt, o, m, lo, n); break;
-      case 2: prefetching_tile<R, 2>(p, wt, o, m, lo, n); break;
-      case 1: prefetching_tile<R, 1>(p, wt, o, m, lo, n); break;
+      case 4: if constexpr (kGroup >= 4) prefetching_tile<R, 4>(p, wt, o, m, lo, n, cols); break;
+      case 3: if constexpr (kGroup >= 3) prefetching_tile<R, 3>(p, wt, o, m, lo, n, cols); break;
+      case 2: prefetching_tile<R, 2>(p, wt, o, m, lo, n, cols); break;
+      case 1: prefetching_tile<R, 1>(p, wt, o, m, lo, n, cols); break;
     }
   }
 }
 
+// The input columns in equal blocks of at most kBlockBytes of x: each block of x stays in L1
+// while the chunk's weight tiles pass over it. With 16 rows of the down projection's 2048
+// inputs, x is 128 KB, and a tile's groups fetched it again from L2 for every 4 weight rows
+// (18 of those products, 640 x 2048 at 16 rows, weights from memory: 3.25-3.59 ms in three
+// blocks against 4.34-4.43 in one, three alternating processes on AMD Zen 5).
+constexpr int64_t kBlockBytes = 48 * 1024;
+
 void run_chunk(const Problem& p, const flaxstream::RowChunk& c) {
   const Weight& wt = p.weights[c.weight];
-  int64_t o = c.lo;
-  for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 12 <= c.hi);
-  for (; o < c.hi; ++o) tiles<1>(p, wt, o, false);
+  const int64_t x_bytes = p.rows * p.in * static_cast<int64_t>(sizeof(float));
+  const int64_t blocks = (x_bytes + kBlockBytes - 1) / kBlockBytes;
+  const int64_t width = ((p.in + blocks - 1) / blocks + simd::kFloats - 1) / simd::kFloats *
+                        simd::kFloats;
+  for (int64_t lo = 0; lo < p.in; lo += width) {
+    const Columns cols{lo, std::min(p.in, lo + width)};
+    int64_t o = c.lo;
+    for (; o + 4 <= c.hi; o += 4) tiles<4>(p, wt, o, o + 8 <= c.hi, cols);
+    for (; o < c.hi; ++o) tiles<1>(p, wt, o, false, cols);
+  }
 }
 
 ffi::Error F32LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

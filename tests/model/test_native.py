@@ -137,11 +137,14 @@ def test_attend_decode_equals_the_block_loop(rows, cap, window, lengths, kv):
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("rows,shapes,inner", [(2, [1024, 256, 256], 640), (3, [37, 5], 70),
                                                (5, [2048], 2048), (16, [262, 1], 17),
-                                               (16, [64], 640), (7, [9], 1), (4, [3], 0)])
+                                               (16, [64], 640), (7, [9], 1), (4, [3], 0),
+                                               (16, [640, 37], 2048), (16, [66], 2051),
+                                               (9, [5], 1500)])
 def test_f32_linear_equals_the_float64_product(rows, shapes, inner):
   """Several weights in one call; row and output counts that leave partial tiles, widths
   that leave a partial vector at the end (16 floats with AVX-512, 8 with AVX2; and none at
-  all)."""
+  all), and inputs wide enough to be cut into blocks of columns (2-3 blocks, the last one
+  ending in a partial vector)."""
   rng = np.random.default_rng(rows * inner + len(shapes))
   x = rng.standard_normal((rows, inner)).astype(np.float32)
   ws = [rng.standard_normal((o, inner)).astype(np.float32) for o in shapes]
