@@ -317,8 +317,8 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
   """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`.
 
   float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
-  instead of "auto"'s [D,V]: the same run's before/after of that layout (TTFT and TPOT only;
-  several slots hold [V,D] anyway). A name ending in _xla is that storage with the native
+  instead of "auto"'s layout (packed where the native kernels take float32 rows, else
+  [D,V]): the same run's before/after of that layout (TTFT and TPOT only). A name ending in _xla is that storage with the native
   CPU kernels off (model/native.py), which "auto" turns on for these one-slot engines on
   CPU: the kernels' before/after in the same run (TTFT and TPOT only).
   """
@@ -418,8 +418,8 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
                 num_params=model_config.num_params)
 
   engine = Engine(model_config, params, tok, ec)
-  # "auto" holds the table [D,V] for this one-slot engine on CPU (EngineConfig).
-  result["embedding_layout"] = "DV" if engine.config.embedding_transposed else "VD"
+  # How "auto" holds the table for this one-slot engine (EngineConfig.embedding_layout).
+  result["embedding_layout"] = engine.config.embedding_layout
   result["native_kernels"] = engine.config.native_kernels
   # Which build of the kernels (model/native.py), and on what: figures from different
   # machines and instruction sets are not comparable.

@@ -34,10 +34,10 @@ from decode.detokenize import IncrementalDetokenizer
 from decode.stops import StopMatcher
 from model import native
 from model.cache import init_cache
-from model.config import ModelConfig
+from model.config import EMBEDDING_LAYOUTS, ModelConfig
 from model.sharding import ShardingPlan
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer, transpose_embedding
+from model.transformer import Transformer, layout_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,12 @@ class EngineConfig:
   cache_block: int = 256
   top_logprobs: int = 0  # n of the top-n logprobs every step returns (0: none)
   max_bias: int = 16  # logit_bias entries per request
-  # How the tied embedding / head is held: "VD" as stored, "DV" transposed, or "auto": DV
-  # for a one-slot engine with float32 weights on one CPU device, whose one-row head reads
-  # [D,V] faster; VD everywhere else (model/transformer.py: transpose_embedding).
+  # How the tied embedding / head is held (ModelConfig.embedding_layout): "VD" as stored,
+  # "DV" transposed, "packed" for the native head, or "auto": packed where the native
+  # kernels run float32 products of several rows (AVX-512), which the packed head beats at
+  # every row count; else DV for a one-slot engine with float32 weights on one CPU device,
+  # whose one-row head XLA reads faster from [D,V]; VD everywhere else
+  # (model/transformer.py: layout_embedding).
   embedding_layout: str = "auto"
   # Whether decode attention and few-row products (float32, int8_dynamic) run in the native CPU
   # kernels (model/native.py): "on", "off", or "auto": on for one CPU device where they
@@ -59,17 +62,27 @@ class EngineConfig:
   native_kernels: str = "auto"
 
   def __post_init__(self):
-    if self.embedding_layout not in ("auto", "VD", "DV"):
-      raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected auto, VD or DV")
+    if self.embedding_layout not in ("auto", *EMBEDDING_LAYOUTS):
+      raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected auto or one of "
+                       f"{EMBEDDING_LAYOUTS}")
     if self.native_kernels not in ("auto", "on", "off"):
       raise ValueError(f"native_kernels={self.native_kernels!r}; expected auto, on or off")
 
-  def transposed_embedding(self, config: ModelConfig, sharded: bool) -> bool:
-    """Whether the engine holds the embedding [D,V] (resolves "auto")."""
+  def resolved_embedding_layout(self, config: ModelConfig, native_kernels: bool,
+                                sharded: bool) -> str:
+    """How the engine holds the embedding (resolves "auto"); native_kernels: whether the
+    engine runs them (use_native_kernels)."""
+    if self.embedding_layout == "packed" and not native_kernels:
+      raise ValueError("embedding_layout='packed' needs the native CPU kernels, which this "
+                       "engine does not run (native_kernels, or a sharded engine)")
     if self.embedding_layout != "auto":
-      return self.embedding_layout == "DV"
-    return (self.num_slots == 1 and not sharded and config.quant == "none"
-            and config.param_dtype == "float32" and jax.default_backend() == "cpu")
+      return self.embedding_layout
+    float32 = config.quant == "none" and config.param_dtype == "float32"
+    if float32 and native_kernels and native.max_f32_rows() > 0:
+      return "packed"
+    if (float32 and self.num_slots == 1 and not sharded and jax.default_backend() == "cpu"):
+      return "DV"
+    return "VD"
 
   def use_native_kernels(self, sharded: bool) -> bool:
     """Whether the engine runs the native CPU kernels (resolves "auto")."""
@@ -272,8 +285,10 @@ class Engine:
     its mesh by its rules and compiles the steps with those shardings (model/sharding.py)."""
     ec = engine_config
     sharded = plan is not None
-    config, params = transpose_embedding(config, params, ec.transposed_embedding(config, sharded))
-    config = config.replace(native_kernels=ec.use_native_kernels(sharded))
+    kernels = ec.use_native_kernels(sharded)
+    config = config.replace(native_kernels=kernels)
+    config, params = layout_embedding(config, params,
+                                      ec.resolved_embedding_layout(config, kernels, sharded))
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.engine_config = ec
     if max(ec.prefill_buckets) > ec.max_len:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 QUANT_MODES = ("none", "int8", "int8_dynamic")
+EMBEDDING_LAYOUTS = ("VD", "DV", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +44,18 @@ class ModelConfig:
       dequantizes them for float matmuls (weight-only); "int8_dynamic" stores the same params
       and also rounds each activation row to int8 at run time (one scale per row), so the
       matmuls run int8 x int8 -> int32 (model/transformer.py: _matmul_int8).
-    embedding_transposed: the tied embedding is held input-major, [D,V], instead of [V,D].
-      A run-time layout (model/transformer.py: transpose_embedding), chosen per compiled
-      program set: XLA CPU's one-row head reads a [D,V] weight ~25% faster, while several
-      rows and the lookups are faster from [V,D] (docs/performance.md). Float storage only.
+    embedding_layout: how the tied embedding is held, a run-time layout chosen per compiled
+      program set (model/transformer.py: layout_embedding; docs/performance.md): "VD" as
+      stored; "DV" input-major, which XLA CPU's one-row head reads ~25% faster, while
+      several rows and the lookups are faster from [V,D] (float storage only); "packed",
+      blocks of 16 vocabulary rows side by side, [V/16, D, 16], which the native CPU
+      kernel's head reads (float32 storage only; the kernel runs whatever native_kernels
+      says, since nothing else reads this layout).
     native_kernels: a decode step's attention over a float32 cache, int8_dynamic's
       products of a few rows and float32 products of 2-16 rows (a decode step of several
       slots, a short prefill chunk) run in the native CPU kernels of model/native.py instead of
       XLA's code (the same results up to float32 rounding order; the int8 sums exactly). A
-      run-time choice like embedding_transposed (EngineConfig.native_kernels resolves it,
+      run-time choice like embedding_layout (EngineConfig.native_kernels resolves it,
       and turns it off for sharded engines: the custom calls have no partitioning rule, so a
       sharded program would run them replicated). A bfloat16 cache keeps XLA's attention.
   """
@@ -73,15 +77,22 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   quant: str = "none"  # "none", "int8" or "int8_dynamic" (model/quantize.py)
-  embedding_transposed: bool = False
+  embedding_layout: str = "VD"  # one of EMBEDDING_LAYOUTS
   native_kernels: bool = False
 
   def __post_init__(self):
     if self.quant not in QUANT_MODES:
       raise ValueError(f"quant={self.quant!r}; expected one of {QUANT_MODES}")
-    if self.embedding_transposed and self.int8_weights:
-      raise ValueError(f"embedding_transposed needs float storage; quant={self.quant!r} keeps "
-                       "the embedding [V,D] with one scale per vocabulary row")
+    if self.embedding_layout not in EMBEDDING_LAYOUTS:
+      raise ValueError(f"embedding_layout={self.embedding_layout!r}; expected one of "
+                       f"{EMBEDDING_LAYOUTS}")
+    if self.embedding_layout != "VD" and self.int8_weights:
+      raise ValueError(f"embedding_layout={self.embedding_layout!r} needs float storage; "
+                       f"quant={self.quant!r} keeps the embedding [V,D] with one scale per "
+                       "vocabulary row")
+    if self.embedding_layout == "packed" and self.param_dtype != "float32":
+      raise ValueError(f"embedding_layout='packed' needs float32 storage, not "
+                       f"{self.param_dtype}: only the native float32 head reads it")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
@@ -123,7 +134,12 @@ class ModelConfig:
 
   @classmethod
   def from_json(cls, text: str) -> "ModelConfig":
-    return cls(**json.loads(text))
+    fields = json.loads(text)
+    # Checkpoints written before embedding_layout stored a flag (always False there: a
+    # checkpoint holds the table [V,D]).
+    if "embedding_transposed" in fields:
+      fields["embedding_layout"] = "DV" if fields.pop("embedding_transposed") else "VD"
+    return cls(**fields)
 
 
 # Presets. The 270M figure counts the 168M-parameter tied embedding.

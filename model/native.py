@@ -46,10 +46,11 @@ import jax.numpy as jnp
 
 INT8_TARGET = "flaxstream_int8_linear"
 F32_TARGET = "flaxstream_f32_linear"
+PACKED_TARGET = "flaxstream_f32_packed_linear"
 ATTENTION_TARGET = "flaxstream_attend_decode"
 _KERNELS = Path(__file__).parent / "kernels"
 _SOURCES = [_KERNELS / "int8_linear.cc", _KERNELS / "f32_linear.cc",
-            _KERNELS / "attention_decode.cc"]
+            _KERNELS / "f32_packed.cc", _KERNELS / "attention_decode.cc"]
 _COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 
 
@@ -184,6 +185,7 @@ def _load() -> str | None:
     try:
       lib = ctypes.cdll.LoadLibrary(str(_build()))
       for target, symbol in ((INT8_TARGET, lib.Int8Linear), (F32_TARGET, lib.F32Linear),
+                             (PACKED_TARGET, lib.F32PackedLinear),
                              (ATTENTION_TARGET, lib.AttendDecode)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except Exception as e:  # noqa: BLE001 -- any failure means "use XLA's code", with why
@@ -223,6 +225,31 @@ def f32_linear(x, weights):
   _ready()
   outs = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in weights]
   return jax.ffi.ffi_call(F32_TARGET, outs)(x.astype(jnp.float32), *weights)
+
+
+PACK = 16  # outputs per block of a packed weight (kernels/f32_packed.cc)
+
+
+def pack_weight(w):
+  """w [O, I] -> [ceil(O / 16), I, 16], the layout f32_packed_linear reads: block b holds
+  rows 16 b .. 16 b + 15 side by side (zeros past O)."""
+  o, i = w.shape
+  blocks = -(-o // PACK)
+  w = jnp.pad(w, ((0, blocks * PACK - o), (0, 0)))
+  return w.reshape(blocks, PACK, i).transpose(0, 2, 1)
+
+
+def packed_rows(wp, rows):
+  """Rows `rows` (any int array) of the [O, I] weight that wp = pack_weight(w) holds:
+  [*rows.shape, I]."""
+  return wp[rows // PACK, :, rows % PACK]
+
+
+def f32_packed_linear(x, wp, outputs: int):
+  """x [M, I] float32 times a packed float32 weight (pack_weight) -> y [M, outputs]."""
+  _ready()
+  out = jax.ShapeDtypeStruct((x.shape[0], outputs), jnp.float32)
+  return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), wp)
 
 
 def attend_decode(q, k, v, last, q_pos, window: int | None):

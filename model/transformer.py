@@ -265,15 +265,18 @@ class Block(nn.Module):
 class Embedder(nn.Module):
   """Token embedding, scaled by sqrt(D) on the way in, and tied to the output head.
 
-  Held [V,D], or [D,V] with config.embedding_transposed (see transpose_embedding).
+  Held [V,D], [D,V] or packed [V/16, D, 16] by config.embedding_layout (see
+  layout_embedding).
   """
   config: ModelConfig
 
   def setup(self):
     c = self.config
     shape, axes = (c.vocab_size, c.d_model), ("vocab", "embed")
-    if c.embedding_transposed:
+    if c.embedding_layout == "DV":
       shape, axes = shape[::-1], axes[::-1]
+    elif c.embedding_layout == "packed":
+      shape, axes = (-(-c.vocab_size // native.PACK), c.d_model, native.PACK), axes + (None,)
     if c.int8_weights:  # one scale per vocabulary row: per output channel of the head
       self.embedding = _param(self, "embedding", shape, axes, nn.initializers.zeros, jnp.int8)
       self.embedding_scale = _param(self, "embedding_scale", (c.vocab_size, 1), ("vocab", None),
@@ -284,21 +287,30 @@ class Embedder(nn.Module):
 
   def encode(self, tokens):
     c = self.config
-    if c.embedding_transposed:  # a column per token: [D, *tokens.shape] -> [*tokens.shape, D]
-      x = jnp.moveaxis(jnp.take(self.embedding, tokens, axis=1), 0, -1).astype(c.jnp_dtype)
+    if c.embedding_layout == "DV":  # a column per token: [D, *tokens.shape] -> [*tokens.shape, D]
+      x = jnp.moveaxis(jnp.take(self.embedding, tokens, axis=1), 0, -1)
+    elif c.embedding_layout == "packed":
+      x = native.packed_rows(self.embedding, tokens)
     else:
-      x = jnp.take(self.embedding, tokens, axis=0).astype(c.jnp_dtype)
+      x = jnp.take(self.embedding, tokens, axis=0)
+    x = x.astype(c.jnp_dtype)
     if c.int8_weights:
       x = x * jnp.take(self.embedding_scale, tokens, axis=0).astype(c.jnp_dtype)
     return x * jnp.asarray(c.d_model ** 0.5, c.jnp_dtype)
 
   def decode(self, h):
-    """Logits [..., V] in float32: the tied head is the [V,D] embedding (or its [D,V] form)."""
+    """Logits [..., V] in float32: the tied head is the [V,D] embedding (or another layout
+    of it)."""
     c = self.config
-    if c.embedding_transposed:
-      w, lead = self.embedding, h.shape[:-1]
+    lead = h.shape[:-1]
+    if c.embedding_layout == "DV":
+      w = self.embedding
       h2 = h.reshape(-1, c.d_model).astype(w.dtype)
       return _dot_rows(h2, w, jnp.float32, input_major=True).reshape(*lead, c.vocab_size)
+    if c.embedding_layout == "packed":
+      h2 = h.reshape(-1, c.d_model)
+      return native.f32_packed_linear(h2, self.embedding, c.vocab_size).reshape(
+          *lead, c.vocab_size)
     if c.quant == "int8_dynamic":
       return _linear(h, Int8Weight(self.embedding, self.embedding_scale, c.native_kernels),
                      out_dtype=jnp.float32)
@@ -308,18 +320,30 @@ class Embedder(nn.Module):
     return _linear(h, self.embedding, out_dtype=jnp.float32, native_kernel=c.native_kernels)
 
 
-def transpose_embedding(config: ModelConfig, params: dict, transposed: bool = True):
-  """(config, params) with the embedding held [D,V] (transposed=True) or [V,D].
+def layout_embedding(config: ModelConfig, params: dict, layout: str = "DV"):
+  """(config, params) with the embedding held in `layout` (ModelConfig.embedding_layout).
 
-  A layout for the hardware, not a different model: the logits are the same. On XLA CPU a
-  one-row head (a one-slot decode step, the last prompt row of a prefill) is a
-  vector-times-matrix product, which streams a [D,V] weight ~25% faster (Gemma 3 270M's
-  head: 21-23 vs 29-30 ms); from two rows up [V,D] is faster (16 rows: 61 vs 78 ms).
+  A layout for the hardware, not a different model: the logits are the same up to float32
+  rounding order. On XLA CPU a one-row head (a one-slot decode step, the last prompt row of
+  a prefill) is a vector-times-matrix product, which streams a [D,V] weight ~25% faster
+  (Gemma 3 270M's head: 21-23 vs 29-30 ms); from two rows up [V,D] is faster (16 rows: 61 vs
+  78 ms). The packed layout is what the native head reads (kernels/f32_packed.cc): 16 rows
+  of Gemma 3 270M's head in 16.9-17.9 ms against 20.9-22.2 for [V,D] in f32_linear, and one
+  row in 13.6-14.1 against 14.0-15.0 for [D,V] in XLA (AMD Zen 5).
   """
-  if config.embedding_transposed == transposed:
+  if config.embedding_layout == layout:
     return config, params
-  embedder = dict(params["embedder"], embedding=params["embedder"]["embedding"].T)
-  return (config.replace(embedding_transposed=transposed), dict(params, embedder=embedder))
+  table = params["embedder"]["embedding"]
+  if config.embedding_layout == "DV":
+    table = table.T
+  elif config.embedding_layout == "packed":
+    table = table.transpose(0, 2, 1).reshape(-1, config.d_model)[:config.vocab_size]
+  if layout == "DV":
+    table = table.T
+  elif layout == "packed":
+    table = native.pack_weight(table)
+  embedder = dict(params["embedder"], embedding=table)
+  return config.replace(embedding_layout=layout), dict(params, embedder=embedder)
 
 
 class Transformer(nn.Module):

@@ -9,6 +9,7 @@ import pytest
 from decode import sampling, steps
 from decode.compiles import count_compiles
 from decode.engine import Engine, EngineConfig, Request, fit_prompt
+from model import native
 from model.cache import init_cache
 
 EC = EngineConfig(num_slots=4, max_len=96, prefill_buckets=(8, 16, 32), cache_block=8,
@@ -51,10 +52,11 @@ def test_stream_equals_fused_while_loop(engine, tiny_config, tiny_params, tiny_t
     ids = np.asarray(s.request.prompt_ids, np.int32)
     chunk = np.zeros(64, np.int32)
     chunk[:len(ids)] = ids
-    state, packed = prefill(engine.model, tiny_params, state, chunk, len(ids), 0, s.slot,
+    state, packed = prefill(engine.model, engine.params, state, chunk, len(ids), 0, s.slot,
                             s.request.sampling, 0)
     firsts[s.slot] = int(packed[0])
-  _, packed = jax.jit(steps.generate_fused, static_argnums=(0, 3))(engine.model, tiny_params, state, n - 1)
+  fused = jax.jit(steps.generate_fused, static_argnums=(0, 3))
+  _, packed = fused(engine.model, engine.params, state, n - 1)
   for slot, toks in streamed.items():
     assert toks == [firsts[slot]] + np.asarray(packed[:, slot, 0]).astype(int).tolist()
 
@@ -78,22 +80,31 @@ def test_no_decode_step_past_max_new_tokens(tiny_config, tiny_params, tiny_tok):
 
 
 def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
-  """"auto" holds the embedding [D,V] for one float32 slot on CPU and [V,D] for several; an
-  explicit layout wins, and the layout never changes the tokens."""
-  def run(num_slots, layout):
+  """"auto" holds the embedding packed where the native kernels run float32 products of
+  several rows, else [D,V] for one float32 slot on CPU and [V,D] for several; an explicit
+  layout wins, and the layout never changes the tokens."""
+  def run(num_slots, layout, kernels="auto"):
     ec = EngineConfig(num_slots=num_slots, max_len=64, prefill_buckets=(8, 32), cache_block=8,
-                      embedding_layout=layout)
+                      embedding_layout=layout, native_kernels=kernels)
     engine = Engine(tiny_config, tiny_params, tiny_tok, ec)
     streams = [engine.submit(_request(tiny_tok, p, 8, **kw)) for p, kw in zip(PROMPTS, MIXED)]
     engine.run_until_done()
-    return engine.config.embedding_transposed, [_tokens(s) for s in streams]
+    return engine.config.embedding_layout, [_tokens(s) for s in streams]
 
-  transposed, auto_one = run(1, "auto")
-  assert transposed == (jax.default_backend() == "cpu")
-  assert run(4, "auto")[0] is False
-  assert run(1, "DV") == (True, auto_one)
-  assert run(1, "VD") == (False, auto_one)
-  assert run(4, "DV") == (True, run(4, "VD")[1])
+  packed = native.available() and native.max_f32_rows() > 0
+  layout, auto_one = run(1, "auto")
+  assert layout == ("packed" if packed else "DV" if jax.default_backend() == "cpu" else "VD")
+  layout, auto_four = run(4, "auto")
+  assert layout == ("packed" if packed else "VD")
+  assert run(1, "auto", "off")[0] == ("DV" if jax.default_backend() == "cpu" else "VD")
+  assert run(1, "DV") == ("DV", auto_one)
+  assert run(1, "VD") == ("VD", auto_one)
+  assert run(4, "DV") == ("DV", auto_four)
+  assert run(4, "VD") == ("VD", auto_four)
+  if native.available():
+    assert run(4, "packed", "on") == ("packed", auto_four)
+  with pytest.raises(ValueError, match="packed"):
+    run(1, "packed", "off")
   with pytest.raises(ValueError, match="embedding_layout"):
     EngineConfig(embedding_layout="dv")
 

@@ -17,7 +17,7 @@ from model import native
 from model.cache import init_cache
 from model.config import get_config
 from model.quantize import with_quant
-from model.transformer import Transformer, init_params, transpose_embedding
+from model.transformer import Transformer, init_params, layout_embedding
 
 _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 
@@ -25,7 +25,8 @@ _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 @pytest.fixture(scope="module", params=[(1, "none"), (4, "none"), (1, "int8_dynamic"),
                                         (4, "int8_dynamic"), (1, "int8_native"),
                                         (4, "int8_native"), (1, "native"), (4, "native"),
-                                        (1, "bfloat16"), (4, "bfloat16"), (1, "DV"), (4, "DV")],
+                                        (1, "bfloat16"), (4, "bfloat16"), (1, "DV"), (4, "DV"),
+                                        (1, "packed"), (4, "packed")],
                 ids=lambda p: f"{p[0]}_slots_{p[1]}")
 def compiled(request):
   """One slot takes the matrix-vector path of every matmul, several the weight-left one;
@@ -33,7 +34,8 @@ def compiled(request):
   DV holds the embedding [D,V] (the one-slot engine's layout on CPU): the lookup and the head
   must read it as it is, not through a [V,D] copy. native and int8_native are float32 and
   int8_dynamic with the native CPU kernels (model/native.py): attention reads the cache in
-  place, and int8_native's few-row products run in the int8 kernel."""
+  place, and int8_native's few-row products run in the int8 kernel. packed is native with
+  the embedding packed for the native head: its lookup must not copy the table either."""
   slots, quant = request.param
   cfg = get_config("gemma3_270m", num_layers=2, global_every=2, vocab_size=4096)
   params = init_params(cfg, jax.random.key(0))
@@ -41,13 +43,15 @@ def compiled(request):
   if quant == "bfloat16":
     cfg, params = cfg.replace(param_dtype=quant), jax.tree.map(lambda x: x.astype(quant), params)
   elif quant == "DV":
-    cfg, params = transpose_embedding(cfg, params)
-  elif quant in ("native", "int8_native"):
+    cfg, params = layout_embedding(cfg, params, "DV")
+  elif quant in ("native", "int8_native", "packed"):
     if native.unsupported_here():
       pytest.skip(f"native kernels: {native.unsupported_here()}")
     if quant == "int8_native":
       cfg, params = with_quant(cfg, params, "int8_dynamic")
     cfg = cfg.replace(native_kernels=True)
+    if quant == "packed":
+      cfg, params = layout_embedding(cfg, params, "packed")
   elif quant != "none":
     cfg, params = with_quant(cfg, params, quant)
   state = steps.init_state(init_cache(cfg, slots, 2048))
@@ -58,7 +62,9 @@ def compiled(request):
   # this instruction set: 1..4 with AVX-512, 1 with AVX2).
   assert (native.INT8_TARGET in program.as_text()) == (quant == "int8_native"
                                                        and slots <= native.max_int8_rows())
-  assert (native.ATTENTION_TARGET in program.as_text()) == quant.endswith("native")
+  assert (native.ATTENTION_TARGET in program.as_text()) == (quant.endswith("native")
+                                                            or quant == "packed")
+  assert (native.PACKED_TARGET in program.as_text()) == (quant == "packed")
   return program, weights, params
 
 

@@ -157,6 +157,37 @@ def test_f32_linear_equals_the_float64_product(rows, shapes, inner):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("rows,outs,inner", [(1, 262, 640), (2, 32, 70), (16, 300, 64),
+                                             (17, 40, 33), (31, 17, 8), (5, 1, 1), (3, 16, 0),
+                                             (40, 48, 640)])
+def test_f32_packed_linear_equals_the_float64_product(rows, outs, inner):
+  """Row counts that take every pass (16, 8, 4, 2, 1 and their sums), output counts that end
+  in a partial block of 16 (its padding must not reach the output), and widths down to none."""
+  rng = np.random.default_rng(rows * 1000 + outs + inner)
+  x = rng.standard_normal((rows, inner)).astype(np.float32)
+  w = rng.standard_normal((outs, inner)).astype(np.float32)
+  wp = native.pack_weight(jnp.asarray(w))
+  assert wp.shape == (-(-outs // 16), inner, 16)
+  got = np.asarray(jax.jit(native.f32_packed_linear, static_argnums=2)(jnp.asarray(x), wp, outs))
+  assert got.dtype == np.float32 and got.shape == (rows, outs)
+  want = x.astype(np.float64) @ w.astype(np.float64).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(max(inner, 1)))
+
+
+@pytest.mark.usefixtures("kernels")
+def test_f32_packed_linear_refuses_a_wrong_shape():
+  x, wp = jnp.ones((2, 8)), native.pack_weight(jnp.ones((40, 8)))  # 3 blocks: 33..48 outputs
+  with pytest.raises(Exception, match="f32_packed_linear wants"):
+    jax.block_until_ready(native.f32_packed_linear(x, wp, 32))
+
+
+def test_packed_rows_are_the_rows_of_the_weight():
+  w = jnp.arange(37 * 5, dtype=jnp.float32).reshape(37, 5)
+  rows = jnp.array([[0, 15, 16], [36, 17, 1]])
+  np.testing.assert_array_equal(native.packed_rows(native.pack_weight(w), rows), w[rows])
+
+
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
 def test_f32_products_of_a_few_rows_use_the_kernel(rows):
   """_matmul sends float32 products of 2..max_f32_rows() rows to the kernel when asked (16
@@ -209,7 +240,7 @@ def test_a_narrower_instruction_set_gives_the_same_results():
   env = dict(os.environ, FLAXSTREAM_KERNEL_ISA="avx2")
   done = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-       "-k", "int8_linear or f32_linear or attend_decode"],
+       "-k", "int8_linear or f32_linear or f32_packed or attend_decode"],
       capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).parents[2])
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
   assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]

@@ -1,5 +1,7 @@
 """Cached prefill + decode must equal a full forward pass at every position."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from model import cache as cache_lib, native
 from model.config import PRESETS, get_config
-from model.transformer import Transformer, init_params, logical_axes, transpose_embedding
+from model.transformer import Transformer, init_params, layout_embedding, logical_axes
 from tests.model import naive
 
 
@@ -70,13 +72,26 @@ def test_prefill_then_decode_matches_at_every_position(tiny_config, tiny_params,
   np.testing.assert_array_equal(np.asarray(cache.lengths), [0, 0, len(seq)])
 
 
-def test_transposed_embedding_is_the_same_model(tiny_config, tiny_params, seq):
-  """The [D,V] layout changes how the lookup and the head read the table, not the logits:
-  prefill rows, a one-row decode step and a three-row decode step all match [V,D]."""
-  cfg_t, params_t = transpose_embedding(tiny_config, tiny_params)
-  assert params_t["embedder"]["embedding"].shape == (tiny_config.d_model, tiny_config.vocab_size)
-  assert tuple(logical_axes(cfg_t)["embedder"]["embedding"]) == ("embed", "vocab")
-  assert transpose_embedding(cfg_t, params_t, False)[0] == tiny_config
+@pytest.mark.parametrize("layout", ["DV", "packed"])
+def test_embedding_layouts_are_the_same_model(tiny_config, tiny_params, seq, layout):
+  """[D,V] and packed [V/16, D, 16] change how the lookup and the head read the table, not
+  the logits: prefill rows, a one-row decode step and a three-row decode step all match
+  [V,D]. (A partial last block of 16 is tests/model/test_native.py's.)"""
+  if layout == "packed" and native.unsupported_here():
+    pytest.skip(f"native kernels: {native.unsupported_here()}")
+  cfg_t, params_t = layout_embedding(tiny_config, tiny_params, layout)
+  table = params_t["embedder"]["embedding"]
+  d, v = tiny_config.d_model, tiny_config.vocab_size
+  if layout == "DV":
+    assert table.shape == (d, v)
+    assert tuple(logical_axes(cfg_t)["embedder"]["embedding"]) == ("embed", "vocab")
+  else:
+    assert table.shape == (-(-v // 16), d, 16)
+    assert tuple(logical_axes(cfg_t)["embedder"]["embedding"]) == ("vocab", "embed", None)
+  back_config, back = layout_embedding(cfg_t, params_t, "VD")
+  assert back_config == tiny_config
+  np.testing.assert_array_equal(back["embedder"]["embedding"],
+                                tiny_params["embedder"]["embedding"])
   for slots in (1, 3):
     out = []
     for cfg, params in ((tiny_config, tiny_params), (cfg_t, params_t)):
@@ -92,6 +107,9 @@ def test_transposed_embedding_is_the_same_model(tiny_config, tiny_params, seq):
     np.testing.assert_allclose(out[1], out[0], atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="float storage"):
     cfg_t.replace(quant="int8")
+  if layout == "packed":
+    with pytest.raises(ValueError, match="float32 storage"):
+      cfg_t.replace(param_dtype="bfloat16")
 
 
 def test_padding_does_not_change_logits(tiny_config, tiny_params, seq):
@@ -136,6 +154,15 @@ def test_gemma3_270m_preset_shapes_without_allocating():
 
 def test_config_validation_and_json_roundtrip(tiny_config):
   assert type(tiny_config).from_json(tiny_config.to_json()) == tiny_config
+  # The JSON of checkpoints written before embedding_layout replaced embedding_transposed.
+  fields = json.loads(tiny_config.to_json())
+  del fields["embedding_layout"]
+  old = dict(fields, embedding_transposed=False)
+  assert type(tiny_config).from_json(json.dumps(old)) == tiny_config
+  assert type(tiny_config).from_json(json.dumps(dict(fields, embedding_transposed=True))) == (
+      tiny_config.replace(embedding_layout="DV"))
+  with pytest.raises(ValueError, match="embedding_layout"):
+    tiny_config.replace(embedding_layout="dv")
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     tiny_config.replace(num_heads=3)
   with pytest.raises(ValueError, match="max_context"):
