@@ -11,9 +11,9 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     throughput = FLOP/s / (2 * params).
     Both rooflines are what the machine can achieve: the fastest of several calls, read at
     the start and again at the end of the run, the higher reading counting (both are kept).
-    The bandwidth is also read right before and after the batch-1 TPOT streams, and the
-    TPOT's roofline takes the higher of those two (tpot_over_roofline); against the best
-    of all four readings it is tpot_over_run_best_roofline.
+    The bandwidth is also read before and after the latency runs (TTFT, then TPOT);
+    tpot_over_roofline takes the best of all four readings, and tpot_over_roofline_at_tpot,
+    a diagnostic, the better of those two.
   * TTFT for 128/512/2048-token prompts; TPOT median and p90 over the new tokens, batch 1.
   * streaming overhead: generator tokens/s over fused `lax.scan` tokens/s, same tokens.
   * throughput with 1/4/16/32 concurrent greedy slots (one engine per slot count), and with
@@ -321,9 +321,10 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
 
   float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
   instead of "auto"'s layout (packed where the native kernels take float32 rows, else
-  [D,V]): the same run's before/after of that layout (TTFT and TPOT only). A name ending in _xla is that storage with the native
-  CPU kernels off (model/native.py), which "auto" turns on for these one-slot engines on
-  CPU: the kernels' before/after in the same run (TTFT and TPOT only).
+  [D,V]): the same run's before/after of that layout (TTFT and TPOT only). A name ending
+  in _xla is that storage with the native CPU kernels off (model/native.py), which "auto"
+  turns on for these one-slot engines on CPU: the kernels' before/after in the same run
+  (TTFT and TPOT only).
   """
   import jax
   import jax.numpy as jnp
@@ -438,10 +439,10 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
 
   warm = compile_count()
   prompt_lens = [8, 24] if smoke else [128, 512, 2048]
-  # The TPOT's own roofline reads the bandwidth right before and right after its streams. On
-  # this shared machine the best reading moves by 1.5x within a run (runs 21 and 22: 43-47
-  # GB/s at the start, 69-71 at the end), so a reading minutes away from the TPOT says more
-  # about that minute than about the step.
+  # The bandwidth is also read before and after the latency runs (TTFT, then TPOT): a
+  # diagnostic, since on this shared machine the best reading moved by 1.5x within a run
+  # (runs 21-23: 43-47 GB/s at the start, 69-72 at the end). The target ratio still takes
+  # the run's best reading.
   bandwidth_bytes = 2**27 if smoke else 2**30
   around_tpot = [memory_bandwidth(bandwidth_bytes)["memory_bandwidth_GBps"]]
   result.update(latency(engine, tok, new_tokens, prompt_lens, 1 if smoke else 3))
@@ -468,12 +469,11 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
     result[key] = max(r[key] for r in readings)
   for key in ("memory_bandwidth_GBps", "matmul_GFLOPs"):
     result[f"{key}_readings"] = [r[key] for r in readings]
-  # The run's bandwidth (the variants' rooflines, the TTFT floor) is the best of all four
-  # readings; the TPOT's roofline the best of the two around it.
+  # Every roofline and ratio takes the best of all four bandwidth readings.
   result["memory_bandwidth_at_tpot_GBps_readings"] = around_tpot
   result["memory_bandwidth_at_tpot_GBps"] = max(around_tpot)
   result["memory_bandwidth_GBps"] = max(result["memory_bandwidth_GBps"], *around_tpot)
-  result["roofline_tpot_s"] = step_bytes / (result["memory_bandwidth_at_tpot_GBps"] * 1e9)
+  result["roofline_tpot_s"] = step_bytes / (result["memory_bandwidth_GBps"] * 1e9)
   compute_tokens_per_s = result["matmul_GFLOPs"] * 1e9 / (2 * model_config.num_params)
   # TTFT floor for 128 tokens: every non-embedding weight multiplies 128 rows (timed on the
   # real weights), then one row reads the whole vocabulary head at memory bandwidth.
@@ -487,8 +487,8 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
       compute_roofline_tokens_per_s=compute_tokens_per_s,
       peak_rss_MiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       tpot_over_roofline=result["tpot_median_s"] / result["roofline_tpot_s"],
-      tpot_over_run_best_roofline=(result["tpot_median_s"] * result["memory_bandwidth_GBps"]
-                                   * 1e9 / step_bytes),
+      tpot_over_roofline_at_tpot=(result["tpot_median_s"]
+                                  * result["memory_bandwidth_at_tpot_GBps"] * 1e9 / step_bytes),
       throughput16_over_compute_roofline=t16 / compute_tokens_per_s,
       tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
       compiles_after_warmup=compiles_after)
@@ -510,7 +510,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
 
 _TABLE = [
     ("memory bandwidth, the run's best", "memory_bandwidth_GBps", "{:.1f} GB/s"),
-    ("memory bandwidth around the TPOT", "memory_bandwidth_at_tpot_GBps", "{:.1f} GB/s"),
+    ("memory bandwidth around the latency runs", "memory_bandwidth_at_tpot_GBps", "{:.1f} GB/s"),
     ("matmul", "matmul_GFLOPs", "{:.0f} GFLOP/s"),
     ("bytes per decode step", "step_bytes", "{:.3e} B"),
     ("embedding layout, one-slot engine", "embedding_layout", "{}"),
@@ -528,7 +528,7 @@ _TABLE = [
     ("peak RSS", "peak_rss_MiB", "{:.0f} MiB"),
     ("page faults per decode step", "page_faults_per_step", "{:.1f}"),
     ("TPOT / roofline", "tpot_over_roofline", "{:.3f}"),
-    ("TPOT / roofline at the run's best bandwidth", "tpot_over_run_best_roofline", "{:.3f}"),
+    ("TPOT / roofline at the bandwidth around it", "tpot_over_roofline_at_tpot", "{:.3f}"),
     ("stream / fused", "stream_over_fused", "{:.3f}"),
     ("16-slot tokens/s / compute roofline", "throughput16_over_compute_roofline", "{:.3f}"),
     ("TPOT ctx 8192 / ctx 256", "tpot_ctx8192_over_ctx256", "{:.3f}"),

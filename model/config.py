@@ -135,8 +135,8 @@ class ModelConfig:
   @classmethod
   def from_json(cls, text: str) -> "ModelConfig":
     fields = json.loads(text)
-    # Checkpoints written before embedding_layout stored a flag (always False there: a
-    # checkpoint holds the table [V,D]).
+    # JSON written before embedding_layout holds this flag instead (a checkpoint's is False:
+    # checkpoints hold the table [V,D]).
     if "embedding_transposed" in fields:
       fields["embedding_layout"] = "DV" if fields.pop("embedding_transposed") else "VD"
     return cls(**fields)

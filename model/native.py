@@ -252,6 +252,11 @@ def packed_rows(wp, rows):
 def f32_packed_linear(x, wp, outputs: int):
   """x [M, I] float32 times a packed float32 weight (pack_weight) -> y [M, outputs]."""
   _ready()
+  if (x.ndim != 2 or wp.ndim != 3 or wp.shape[1:] != (x.shape[1], PACK)
+      or wp.dtype != jnp.float32 or not (wp.shape[0] - 1) * PACK < outputs <= wp.shape[0] * PACK):
+    raise ValueError(f"f32_packed_linear wants x [M, I] and a float32 weight [ceil(outputs / "
+                     f"{PACK}), I, {PACK}]; got x {x.shape}, weight {wp.shape} {wp.dtype} and "
+                     f"outputs={outputs}")
   out = jax.ShapeDtypeStruct((x.shape[0], outputs), jnp.float32)
   return jax.ffi.ffi_call(PACKED_TARGET, out)(x.astype(jnp.float32), wp)
 

@@ -81,13 +81,18 @@ void block(const Problem& p, int64_t b, int64_t m0, bool prefetch) {
   }
 }
 
-// Every row over block b, 16 at a time and then the rest in passes of 8, 4, 2 and 1. The
-// first pass reads the block from memory; later passes find it in L1 or L2.
+// Rows per pass at most: MR x kVectors sums, the block's kVectors weights and one x must fit
+// in the registers (AVX-512: 16 + 1 + 1 of 32; AVX2, two vectors a block: 4 x 2 + 2 + 1 of
+// 16).
+constexpr int kMaxPass = simd::kRegisters >= 32 ? 16 : 4;
+
+// Every row over block b, kMaxPass at a time and then the rest in passes of 8, 4, 2 and 1.
+// The first pass reads the block from memory; later passes find it in L1 or L2.
 void rows_over_block(const Problem& p, int64_t b, bool prefetch) {
   int64_t m = 0;
-  for (; m + 16 <= p.rows; m += 16) block<16>(p, b, m, prefetch && m == 0);
+  for (; m + kMaxPass <= p.rows; m += kMaxPass) block<kMaxPass>(p, b, m, prefetch && m == 0);
   for (int pass : {8, 4, 2, 1}) {
-    if (p.rows - m < pass) continue;
+    if (pass >= kMaxPass || p.rows - m < pass) continue;
     const bool first = prefetch && m == 0;
     switch (pass) {
       case 8: block<8>(p, b, m, first); break;

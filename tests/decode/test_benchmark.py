@@ -32,17 +32,17 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert len(result["memory_bandwidth_GBps_readings"]) == 2
   readings = result["matmul_GFLOPs_readings"]
   assert len(readings) == 2 and result["matmul_GFLOPs"] == max(readings) > 0
-  # The TPOT's roofline reads the bandwidth around the TPOT; the run's is the best of all.
+  # The bandwidth is also read around the latency runs, a diagnostic; the TPOT's roofline
+  # takes the best of all four readings.
   around = result["memory_bandwidth_at_tpot_GBps_readings"]
   assert len(around) == 2 and result["memory_bandwidth_at_tpot_GBps"] == max(around) > 0
   assert result["memory_bandwidth_GBps"] == max(
       *result["memory_bandwidth_GBps_readings"], *around)
   assert result["roofline_tpot_s"] == pytest.approx(
-      result["step_bytes"] / (result["memory_bandwidth_at_tpot_GBps"] * 1e9))
-  assert result["tpot_over_run_best_roofline"] == pytest.approx(
-      result["tpot_median_s"] * result["memory_bandwidth_GBps"] * 1e9 / result["step_bytes"])
-  assert result["tpot_over_run_best_roofline"] >= result["tpot_over_roofline"] * (1 - 1e-9)
-  assert result["step_bytes"] > result["weight_bytes"] > 0
+      result["step_bytes"] / (result["memory_bandwidth_GBps"] * 1e9))
+  assert result["tpot_over_roofline_at_tpot"] == pytest.approx(
+      result["tpot_median_s"] * result["memory_bandwidth_at_tpot_GBps"] * 1e9
+      / result["step_bytes"])
   # The one-slot float32 engine on CPU: packed where the native kernels take float32 rows.
   packed = native.available() and native.max_f32_rows() > 0
   assert result["embedding_layout"] == ("packed" if packed else "DV")

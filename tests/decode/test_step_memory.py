@@ -31,8 +31,8 @@ _BIG = 1 << 20  # bytes; the smallest weight here is 640 x 1024 x 4 = 2.6 MB
 def compiled(request):
   """One slot takes the matrix-vector path of every matmul, several the weight-left one;
   int8_dynamic and bfloat16 weights must be multiplied as stored, never as a float32 copy.
-  DV holds the embedding [D,V] (the one-slot engine's layout on CPU): the lookup and the head
-  must read it as it is, not through a [V,D] copy. native and int8_native are float32 and
+  DV holds the embedding [D,V] (a one-slot engine's layout on CPU without the kernels' float32
+  rows): the lookup and the head must read it as it is, not through a [V,D] copy. native and int8_native are float32 and
   int8_dynamic with the native CPU kernels (model/native.py): attention reads the cache in
   place, and int8_native's few-row products run in the int8 kernel. packed is native with
   the embedding packed for the native head: its lookup must not copy the table either."""

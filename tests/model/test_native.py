@@ -175,10 +175,14 @@ def test_f32_packed_linear_equals_the_float64_product(rows, outs, inner):
 
 
 @pytest.mark.usefixtures("kernels")
-def test_f32_packed_linear_refuses_a_wrong_shape():
-  x, wp = jnp.ones((2, 8)), native.pack_weight(jnp.ones((40, 8)))  # 3 blocks: 33..48 outputs
-  with pytest.raises(Exception, match="f32_packed_linear wants"):
-    jax.block_until_ready(native.f32_packed_linear(x, wp, 32))
+@pytest.mark.parametrize("outputs,x_shape,dtype", [(32, (2, 8), jnp.float32),
+                                                   (49, (2, 8), jnp.float32),
+                                                   (40, (2, 9), jnp.float32),
+                                                   (40, (2, 8), jnp.bfloat16)])
+def test_f32_packed_linear_refuses_a_wrong_shape(outputs, x_shape, dtype):
+  wp = native.pack_weight(jnp.ones((40, 8), dtype))  # 3 blocks: 33..48 outputs
+  with pytest.raises(ValueError, match="f32_packed_linear wants"):
+    native.f32_packed_linear(jnp.ones(x_shape), wp, outputs)
 
 
 def test_packed_rows_are_the_rows_of_the_weight():

@@ -6,6 +6,7 @@ import pytest
 
 from decode import sampling
 from decode.engine import Engine, EngineConfig, Request
+from model import native
 from tests.model.forward import all_logits
 
 pytestmark = pytest.mark.slow
@@ -18,12 +19,16 @@ def gemma(gemma_gguf):
   return config, jax.device_put(params)
 
 
-@pytest.fixture(scope="module", params=[(2, "VD"), (1, "DV")], ids=["2_slots_VD", "1_slot_DV"])
+@pytest.fixture(scope="module", params=[(2, "VD"), (1, "DV"), (1, "packed")],
+                ids=["2_slots_VD", "1_slot_DV", "1_slot_packed"])
 def engine(gemma, gemma_tokenizer, request):
-  """Both layouts of the tied embedding: [V,D] as stored, and the [D,V] a one-slot engine
-  holds on CPU (its lookup and its one-row head read the table differently)."""
+  """Every layout of the tied embedding: [V,D] as stored, [D,V] (a one-slot engine's on CPU
+  without the kernels' float32 rows) and packed (auto's with them): the lookup and the
+  head read the table differently in each."""
   config, params = gemma
   slots, layout = request.param
+  if layout == "packed" and native.unsupported_here():
+    pytest.skip(f"native kernels: {native.unsupported_here()}")
   ec = EngineConfig(num_slots=slots, max_len=768, prefill_buckets=(32, 128, 512),
                     cache_block=256, embedding_layout=layout)
   return Engine(config, params, gemma_tokenizer, ec)
