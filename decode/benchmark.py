@@ -115,9 +115,14 @@ def matmul_flops(n: int, repeats: int = 9) -> float:
   return 2 * n ** 3 / _best_time(lambda: f(x).block_until_ready(), repeats)
 
 
+def _bandwidth_bytes(smoke: bool) -> int:
+  """The buffer memory_bandwidth reads: far larger than the caches, except in smoke mode."""
+  return 2**27 if smoke else 2**30
+
+
 def rooflines(smoke: bool) -> dict:
   """One reading of both rooflines: memory_bandwidth's figures and matmul_GFLOPs."""
-  out = memory_bandwidth(2**27 if smoke else 2**30)
+  out = memory_bandwidth(_bandwidth_bytes(smoke))
   out["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
   return out
 
@@ -443,10 +448,9 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   # diagnostic, since on this shared machine the best reading moved by 1.5x within a run
   # (runs 21-23: 43-47 GB/s at the start, 69-72 at the end). The target ratio still takes
   # the run's best reading.
-  bandwidth_bytes = 2**27 if smoke else 2**30
-  around_tpot = [memory_bandwidth(bandwidth_bytes)["memory_bandwidth_GBps"]]
+  around_tpot = [memory_bandwidth(_bandwidth_bytes(smoke))["memory_bandwidth_GBps"]]
   result.update(latency(engine, tok, new_tokens, prompt_lens, 1 if smoke else 3))
-  around_tpot.append(memory_bandwidth(bandwidth_bytes)["memory_bandwidth_GBps"])
+  around_tpot.append(memory_bandwidth(_bandwidth_bytes(smoke))["memory_bandwidth_GBps"])
   result.update(stream_vs_fused(engine, tok, new_tokens, 1 if smoke else 3))
   # The fused program is a benchmark-only extra; the serving path is prefill + decode.
   compiles_after = compile_count() - warm - 1

@@ -53,9 +53,8 @@ class EngineConfig:
   # "DV" transposed, "packed" for the native head, or "auto": packed where the native
   # kernels run float32 products of several rows (AVX-512): from 2 to 32 rows the packed
   # head was faster, at one row as fast as [D,V]; else DV for a one-slot engine with float32
-  # weights on one CPU device,
-  # whose one-row head XLA reads faster from [D,V]; VD everywhere else
-  # (model/transformer.py: layout_embedding).
+  # weights on one CPU device, whose one-row head XLA reads faster from [D,V]; VD everywhere
+  # else (model/transformer.py: layout_embedding).
   embedding_layout: str = "auto"
   # Whether decode attention and few-row products (float32, int8_dynamic) run in the native CPU
   # kernels (model/native.py): "on", "off", or "auto": on for one CPU device where they

@@ -243,6 +243,11 @@ def pack_weight(w):
   return w.reshape(blocks, PACK, i).transpose(0, 2, 1)
 
 
+def unpack_weight(wp, rows: int):
+  """The [rows, I] weight that wp = pack_weight(w) holds (pack_weight undone)."""
+  return wp.transpose(0, 2, 1).reshape(-1, wp.shape[1])[:rows]
+
+
 def packed_rows(wp, rows):
   """Rows `rows` (any int array) of the [O, I] weight that wp = pack_weight(w) holds:
   [*rows.shape, I]."""

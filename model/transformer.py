@@ -337,7 +337,7 @@ def layout_embedding(config: ModelConfig, params: dict, layout: str = "DV"):
   if config.embedding_layout == "DV":
     table = table.T
   elif config.embedding_layout == "packed":
-    table = table.transpose(0, 2, 1).reshape(-1, config.d_model)[:config.vocab_size]
+    table = native.unpack_weight(table, config.vocab_size)
   if layout == "DV":
     table = table.T
   elif layout == "packed":

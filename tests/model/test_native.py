@@ -189,6 +189,7 @@ def test_packed_rows_are_the_rows_of_the_weight():
   w = jnp.arange(37 * 5, dtype=jnp.float32).reshape(37, 5)
   rows = jnp.array([[0, 15, 16], [36, 17, 1]])
   np.testing.assert_array_equal(native.packed_rows(native.pack_weight(w), rows), w[rows])
+  np.testing.assert_array_equal(native.unpack_weight(native.pack_weight(w), 37), w)
 
 
 @pytest.mark.usefixtures("kernels")
