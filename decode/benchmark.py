@@ -8,7 +8,9 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     counts); bytes a decode step must read = weights + KV in use; roofline TPOT = bytes /
     bandwidth.
   * compute roofline: FLOP/s of a large jnp matmul; per-token compute roofline for batched
-    throughput = FLOP/s / (2 * params).
+    throughput = FLOP/s / (2 * params). The 16-slot step's memory roofline too (weights and
+    16 slots' KV read once for 16 tokens), and the bound the two set together on the
+    16-slot / compute-roofline ratio (batched_rooflines).
     Both rooflines are what the machine can achieve: the fastest of several calls, read at
     the start and again at the end of the run, the higher reading counting (both are kept).
     The bandwidth is also read before and after the latency runs (TTFT, then TPOT);
@@ -29,7 +31,8 @@ What is measured (medians; timings on a shared 2-core CPU are noisy, ratios less
     params (batch 1 and 16), llama.cpp on the GGUF file (batch 1), and our TPOTs over
     theirs.
   * the same weights stored another way (`--variants`, default int8_dynamic; also int8,
-    bfloat16, float32_VD, the one-slot engine's embedding held as stored, and
+    bfloat16, float32_VD and float32_packed, the one-slot engine's embedding held as
+    stored or packed, and
     float32_xla / int8_dynamic_xla, without the native CPU kernels): TTFT 128,
     batch-1 TPOT and 16-slot throughput, each also as a ratio to the float32 figure of the
     same run, since between runs this machine drifts more than the gap.
@@ -59,7 +62,8 @@ _SLOTS = flags.DEFINE_list("slots", ["1", "4", "16", "32"], "Slot counts for thr
 _VARIANTS = flags.DEFINE_list(
     "variants", ["int8_dynamic"],
     "Storage variants measured against float32 in the same run: int8_dynamic, int8, "
-    "bfloat16, float32_VD (the one-slot engine holding the embedding [V,D], as stored), "
+    "bfloat16, float32_VD and float32_packed (the one-slot engine holding the embedding "
+    "[V,D], as stored, or packed for the native head, instead of auto's [D,V]), "
     "float32_xla and int8_dynamic_xla (without the native CPU kernels of model/native.py).")
 _PEER = flags.DEFINE_bool(
     "peer", False, "Also run the installed peers on the same weights: Hugging Face transformers "
@@ -125,6 +129,25 @@ def rooflines(smoke: bool) -> dict:
   out = memory_bandwidth(_bandwidth_bytes(smoke))
   out["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
   return out
+
+
+def batched_rooflines(weight_bytes: int, kv_bytes_per_slot: int, slots: int,
+                      bandwidth_GBps: float, matmul_GFLOPs: float, num_params: int) -> dict:
+  """The two rooflines of a decode step of `slots` slots, in tokens/s, and the bound they
+  set together on throughput / compute roofline.
+
+  A step makes one token per slot, reads every weight once and each slot's KV in use
+  (memory), and does 2 * num_params FLOPs per token (compute). No implementation beats the
+  lower of the two, so the highest throughput / compute-roofline ratio any code can reach
+  here is min(memory, compute) / compute. With float32 weights (4 bytes a parameter) and
+  no KV that is at most slots / 2 * bandwidth / FLOP rate, at 16 slots 8 * bandwidth / FLOP
+  rate: below 0.7 wherever the FLOP rate is over 11.4 x the bandwidth in bytes/s (AMD Zen
+  5, run 24: 447 GFLOP/s, 38.9 GB/s, 0.696).
+  """
+  memory = slots * bandwidth_GBps * 1e9 / (weight_bytes + slots * kv_bytes_per_slot)
+  compute = matmul_GFLOPs * 1e9 / (2 * num_params)
+  return {"memory_tokens_per_s": memory, "compute_tokens_per_s": compute,
+          "bound_over_compute": min(memory, compute) / compute}
 
 
 def matmul_flops_by_rows(rows, k: int, n: int, repeats: int = 9) -> dict:
@@ -324,9 +347,9 @@ def long_context(config, model_config, params, tok, contexts, max_len, steps_per
 def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smoke):
   """TTFT, batch-1 TPOT and 16-slot throughput with the weights stored as `name`.
 
-  float32_VD is float32 with the one-slot engine holding the embedding [V,D], as stored,
-  instead of "auto"'s layout (packed where the native kernels take float32 rows, else
-  [D,V]): the same run's before/after of that layout (TTFT and TPOT only). A name ending
+  float32_VD and float32_packed are float32 with the one-slot engine holding the embedding
+  [V,D], as stored, or packed for the native head, instead of "auto"'s [D,V]: the same
+  run's before/after of those layouts (TTFT and TPOT only). A name ending
   in _xla is that storage with the native CPU kernels off (model/native.py), which "auto"
   turns on for these one-slot engines on CPU: the kernels' before/after in the same run
   (TTFT and TPOT only).
@@ -338,10 +361,11 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
   many_slots = not name.endswith("_xla")  # also 16 slots (the one-slot settings would not apply)
   if name.endswith("_xla"):
     ec, name = dataclasses.replace(ec, native_kernels="off"), name.removesuffix("_xla")
-  if name in ("float32", "float32_VD"):
+  if name in ("float32", "float32_VD", "float32_packed"):
     vconfig, vparams = model_config, params
-    if name == "float32_VD":
-      ec, many_slots = dataclasses.replace(ec, embedding_layout="VD"), False
+    if name != "float32":
+      layout = name.removeprefix("float32_")
+      ec, many_slots = dataclasses.replace(ec, embedding_layout=layout), False
   elif name == "bfloat16":
     vconfig = model_config.replace(param_dtype="bfloat16")
     vparams = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -485,7 +509,14 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   result["prefill_128_products_s"] = prefill_products_time(params, 16 if smoke else 128)
   result["floor_ttft_128_s"] = (result["prefill_128_products_s"]
                                 + head_bytes / (result["memory_bandwidth_GBps"] * 1e9))
-  t16 = result["throughput_tokens_per_s"].get(16, max(result["throughput_tokens_per_s"].values()))
+  by_slots = result["throughput_tokens_per_s"]
+  n16 = 16 if 16 in by_slots else max(by_slots, key=by_slots.get)
+  t16 = by_slots[n16]
+  # The throughput runs' mean context (64-token prompts, then their new tokens), and the
+  # least KV a step can read there: a bound must not count bytes some code could skip.
+  kv_least = cache_bytes_read(cache, 64 + (8 if smoke else 64) // 2, whole_blocks=False)
+  bound = batched_rooflines(weight_bytes, kv_least, n16, result["memory_bandwidth_GBps"],
+                            result["matmul_GFLOPs"], model_config.num_params)
   result.update(
       compile_times_s=compile_times,
       compute_roofline_tokens_per_s=compute_tokens_per_s,
@@ -494,6 +525,10 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
       tpot_over_roofline_at_tpot=(result["tpot_median_s"]
                                   * result["memory_bandwidth_at_tpot_GBps"] * 1e9 / step_bytes),
       throughput16_over_compute_roofline=t16 / compute_tokens_per_s,
+      throughput16_memory_roofline_tokens_per_s=bound["memory_tokens_per_s"],
+      throughput16_bound_over_compute_roofline=bound["bound_over_compute"],
+      throughput16_over_roofline=t16 / min(bound["memory_tokens_per_s"],
+                                           bound["compute_tokens_per_s"]),
       tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
       compiles_after_warmup=compiles_after)
   ours = result.pop("greedy_ids")
@@ -535,6 +570,10 @@ _TABLE = [
     ("TPOT / roofline at the bandwidth around it", "tpot_over_roofline_at_tpot", "{:.3f}"),
     ("stream / fused", "stream_over_fused", "{:.3f}"),
     ("16-slot tokens/s / compute roofline", "throughput16_over_compute_roofline", "{:.3f}"),
+    ("16-slot memory roofline tokens/s", "throughput16_memory_roofline_tokens_per_s", "{:.1f}"),
+    ("  highest 16-slot / compute roofline possible",
+     "throughput16_bound_over_compute_roofline", "{:.3f}"),
+    ("16-slot tokens/s / the lower roofline", "throughput16_over_roofline", "{:.3f}"),
     ("TPOT ctx 8192 / ctx 256", "tpot_ctx8192_over_ctx256", "{:.3f}"),
     ("compiles after warm-up", "compiles_after_warmup", "{}"),
 ]

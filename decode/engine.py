@@ -50,11 +50,12 @@ class EngineConfig:
   top_logprobs: int = 0  # n of the top-n logprobs every step returns (0: none)
   max_bias: int = 16  # logit_bias entries per request
   # How the tied embedding / head is held (ModelConfig.embedding_layout): "VD" as stored,
-  # "DV" transposed, "packed" for the native head, or "auto": packed where the native
-  # kernels run float32 products of several rows (AVX-512): from 2 to 32 rows the packed
-  # head was faster, at one row as fast as [D,V]; else DV for a one-slot engine with float32
-  # weights on one CPU device, whose one-row head XLA reads faster from [D,V]; VD everywhere
-  # else (model/transformer.py: layout_embedding).
+  # "DV" transposed, "packed" for the native head, or "auto": DV for a one-slot engine with
+  # float32 weights on one CPU device, whose one-row head XLA reads fastest from [D,V]
+  # (batch-1 TPOT on Intel 47.0 against 50.0 ms packed, on AMD Zen 5 the same); packed for
+  # several slots where the native kernels run float32 products of several rows (AVX-512:
+  # from 2 to 32 rows the packed head was the fastest); VD everywhere else
+  # (model/transformer.py: layout_embedding).
   embedding_layout: str = "auto"
   # Whether decode attention and few-row products (float32, int8_dynamic) run in the native CPU
   # kernels (model/native.py): "on", "off", or "auto": on for one CPU device where they
@@ -78,10 +79,10 @@ class EngineConfig:
     if self.embedding_layout != "auto":
       return self.embedding_layout
     float32 = config.quant == "none" and config.param_dtype == "float32"
-    if float32 and native_kernels and native.max_f32_rows() > 0:
-      return "packed"
     if (float32 and self.num_slots == 1 and not sharded and jax.default_backend() == "cpu"):
       return "DV"
+    if float32 and native_kernels and native.max_f32_rows() > 0:
+      return "packed"
     return "VD"
 
   def use_native_kernels(self, sharded: bool) -> bool:

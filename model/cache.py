@@ -71,12 +71,17 @@ def init_cache(config: ModelConfig, num_slots: int, max_len: int, dtype=None,
   return KVCache(tuple(layers), jnp.zeros((num_slots,), jnp.int32), max_len)
 
 
-def cache_bytes_read(cache: KVCache, filled: int) -> int:
-  """Bytes of K and V one decode step reads for one slot at a given filled length."""
+def cache_bytes_read(cache: KVCache, filled: int, whole_blocks: bool = True) -> int:
+  """Bytes of K and V one decode step reads for one slot at a given filled length.
+
+  whole_blocks: as XLA's attention reads them, in whole blocks (model/attention.py); False:
+  the filled positions alone, as the native kernel reads them, the least any step can read.
+  """
   total = 0
   for layer in cache.layers:
     used = min(filled, layer.capacity)
-    blocks = -(-used // layer.block)
+    if whole_blocks:
+      used = -(-used // layer.block) * layer.block
     per_pos = layer.k.shape[2] * layer.k.shape[3] * layer.k.dtype.itemsize * 2
-    total += blocks * layer.block * per_pos
+    total += used * per_pos
   return total

@@ -16,9 +16,13 @@ RATIOS = ("tpot_over_roofline", "stream_over_fused", "throughput16_over_compute_
 
 def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   out = tmp_path / "bench.json"
+  variants = "int8_dynamic,float32_VD,int8_dynamic_xla"
+  packed = native.available() and native.max_f32_rows() > 0  # the native head can run here
+  if packed:
+    variants += ",float32_packed"
   proc = subprocess.run(
       [sys.executable, "-m", "decode.benchmark", "--config=configs/tiny.py", "--smoke",
-       "--slots=1,4", "--variants=int8_dynamic,float32_VD,int8_dynamic_xla", f"--out={out}"],
+       "--slots=1,4", f"--variants={variants}", f"--out={out}"],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "TPOT / roofline" in proc.stdout
@@ -43,9 +47,15 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   assert result["tpot_over_roofline_at_tpot"] == pytest.approx(
       result["tpot_median_s"] * result["memory_bandwidth_at_tpot_GBps"] * 1e9
       / result["step_bytes"])
-  # The one-slot float32 engine on CPU: packed where the native kernels take float32 rows.
-  packed = native.available() and native.max_f32_rows() > 0
-  assert result["embedding_layout"] == ("packed" if packed else "DV")
+  # The smoke run measures 1 and 4 slots: the batched rooflines are those of its 4 slots.
+  memory4 = result["throughput16_memory_roofline_tokens_per_s"]
+  compute = result["compute_roofline_tokens_per_s"]
+  assert 0 < memory4 and result["throughput16_bound_over_compute_roofline"] == pytest.approx(
+      min(memory4, compute) / compute)
+  assert result["throughput16_over_roofline"] == pytest.approx(
+      result["throughput_tokens_per_s"]["4"] / min(memory4, compute))
+  # The one-slot float32 engine on CPU holds the table [D,V] for XLA's one-row head.
+  assert result["embedding_layout"] == "DV"
   assert set(result["throughput_tokens_per_s"]) == {"1", "4"}
   assert list(result["throughput_sampled_tokens_per_s"]) == ["4"]
   assert result["throughput_sampled_tokens_per_s"]["4"] > 0
@@ -71,6 +81,10 @@ def test_smoke_run_writes_ratios_and_sane_figures(tmp_path):
   vd = result["variants"]["float32_VD"]  # same weights, the one-slot engine's table as stored
   assert vd["weight_bytes"] == result["weight_bytes"] and vd["tpot_over_float32"] > 0
   assert "throughput16_tokens_per_s" not in vd
+  if packed:
+    vp = result["variants"]["float32_packed"]
+    assert vp["weight_bytes"] == result["weight_bytes"] and vp["tpot_over_float32"] > 0
+    assert "throughput16_tokens_per_s" not in vp
 
 
 def test_tpot_pools_the_gaps_of_every_stream():
@@ -93,3 +107,19 @@ def test_tpot_pools_the_gaps_of_every_stream():
   assert out["tpot_median_s"] == pytest.approx(3.0)
   assert out["tpot_p90_s"] == pytest.approx(6.0)
   assert next(streams, None) is None  # exactly repeats streams for TTFT and for TPOT
+
+
+def test_batched_rooflines_bound_the_ratio_to_the_compute_roofline():
+  """Memory roofline of a batched step and the bound on throughput / compute roofline: with
+  float32 weights at 16 slots, 8 x bandwidth / FLOP rate (AMD Zen 5, run 24: just under 0.7)."""
+  from decode.benchmark import batched_rooflines
+  params = 268_098_176
+  out = batched_rooflines(4 * params, 0, 16, 38.87, 447.0, params)
+  assert out["memory_tokens_per_s"] == pytest.approx(16 * 38.87e9 / (4 * params))
+  assert out["compute_tokens_per_s"] == pytest.approx(447e9 / (2 * params))
+  assert out["bound_over_compute"] == pytest.approx(8 * 38.87 / 447) and \
+      out["bound_over_compute"] < 0.7
+  # KV adds bytes per slot; a machine whose bandwidth is plentiful is bound by compute.
+  with_kv = batched_rooflines(4 * params, 10**7, 16, 38.87, 447.0, params)
+  assert with_kv["memory_tokens_per_s"] < out["memory_tokens_per_s"]
+  assert batched_rooflines(4 * params, 0, 16, 1000.0, 447.0, params)["bound_over_compute"] == 1.0

@@ -80,8 +80,8 @@ def test_no_decode_step_past_max_new_tokens(tiny_config, tiny_params, tiny_tok):
 
 
 def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
-  """"auto" holds the embedding packed where the native kernels run float32 products of
-  several rows, else [D,V] for one float32 slot on CPU and [V,D] for several; an explicit
+  """"auto" holds the embedding [D,V] for one float32 slot on CPU; for several slots packed
+  where the native kernels run float32 products of several rows, else [V,D]; an explicit
   layout wins, and the layout never changes the tokens."""
   def run(num_slots, layout, kernels="auto"):
     ec = EngineConfig(num_slots=num_slots, max_len=64, prefill_buckets=(8, 32), cache_block=8,
@@ -93,7 +93,7 @@ def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
 
   packed = native.available() and native.max_f32_rows() > 0
   layout, auto_one = run(1, "auto")
-  assert layout == ("packed" if packed else "DV" if jax.default_backend() == "cpu" else "VD")
+  assert layout == ("DV" if jax.default_backend() == "cpu" else "VD")
   layout, auto_four = run(4, "auto")
   assert layout == ("packed" if packed else "VD")
   assert run(1, "auto", "off")[0] == ("DV" if jax.default_backend() == "cpu" else "VD")
@@ -103,6 +103,7 @@ def test_embedding_layout_auto_and_explicit(tiny_config, tiny_params, tiny_tok):
   assert run(4, "VD") == ("VD", auto_four)
   if native.available():
     assert run(4, "packed", "on") == ("packed", auto_four)
+    assert run(1, "packed", "on") == ("packed", auto_one)
   with pytest.raises(ValueError, match="packed"):
     run(1, "packed", "off")
   with pytest.raises(ValueError, match="embedding_layout"):

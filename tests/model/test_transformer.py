@@ -136,6 +136,10 @@ def test_kv_reads_follow_filled_length():
   for n in (256, 1024, 8192, 32768):
     # 15 local layers read min(n, 512) positions, 3 global layers read n: linear in n.
     assert cache_lib.cache_bytes_read(cache, n) == (15 * min(n, 512) + 3 * n) * per_pos
+  # Between block boundaries: whole blocks of 256 as XLA's attention reads them, or the
+  # filled positions alone (the least a step can read).
+  assert cache_lib.cache_bytes_read(cache, 300) == (15 * 512 + 3 * 512) * per_pos
+  assert cache_lib.cache_bytes_read(cache, 300, whole_blocks=False) == 18 * 300 * per_pos
 
 
 def test_gemma3_270m_preset_shapes_without_allocating():
