@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.prefill_buckets = (32, 64, 128, 256, 512)
   c.engine.cache_block = 256
   c.engine.top_logprobs = 0
-  # VD | DV | packed | auto (packed for the native float32 head on AVX-512, else DV for one
-  # float32 slot on CPU, else VD)
+  # VD | DV | packed | auto (DV for one float32 slot on CPU; for several, packed for the
+  # native float32 head on AVX-512, else VD)
   c.engine.embedding_layout = "auto"
   c.engine.native_kernels = "auto"  # on | off | auto (on for one CPU device where they build)
 

@@ -54,6 +54,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from decode.rooflines import (bandwidth_bytes, batched_rooflines, matmul_flops_by_rows,
+                              memory_bandwidth, prefill_products_time, rooflines)
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gemma3_270m.py", "Run config file.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON result here.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A few steps of everything (tests); figures are meaningless.")
@@ -68,141 +71,6 @@ _VARIANTS = flags.DEFINE_list(
 _PEER = flags.DEFINE_bool(
     "peer", False, "Also run the installed peers on the same weights: Hugging Face transformers "
     "(torch) and llama.cpp (llama-cpp-python, on the GGUF file).")
-
-
-def _times(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return times
-
-
-def _median_time(fn, repeats):
-  return float(np.median(_times(fn, repeats)))
-
-
-def _best_time(fn, repeats):
-  """The fastest of `repeats` calls: for the rooflines, which are what the machine can
-  achieve, and on this shared machine other work only ever slows a call down (run 19's
-  square matmul read 206 GFLOP/s as a median of 5, its 128-row MLP product 347)."""
-  return min(_times(fn, repeats))
-
-
-def memory_bandwidth(nbytes: int, repeats: int = 9) -> dict:
-  """Bytes/s of a streaming read of a buffer much larger than the caches, two ways.
-
-  numpy's sum reads with one thread; a jitted jnp sum uses XLA's thread pool like the decode
-  step does. The roofline takes the faster: the bandwidth the step could actually get.
-  """
-  import jax
-  import jax.numpy as jnp
-  a = np.ones(nbytes // 4, np.float32)
-  a.sum()
-  numpy_bw = nbytes / _best_time(a.sum, repeats)
-  del a
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  jax_bw = nbytes / _best_time(lambda: f(x).block_until_ready(), repeats)
-  return {"numpy_sum_GBps": numpy_bw / 1e9, "jax_sum_GBps": jax_bw / 1e9,
-          "memory_bandwidth_GBps": max(numpy_bw, jax_bw) / 1e9}
-
-
-def matmul_flops(n: int, repeats: int = 9) -> float:
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  return 2 * n ** 3 / _best_time(lambda: f(x).block_until_ready(), repeats)
-
-
-def _bandwidth_bytes(smoke: bool) -> int:
-  """The buffer memory_bandwidth reads: far larger than the caches, except in smoke mode."""
-  return 2**27 if smoke else 2**30
-
-
-def rooflines(smoke: bool) -> dict:
-  """One reading of both rooflines: memory_bandwidth's figures and matmul_GFLOPs."""
-  out = memory_bandwidth(_bandwidth_bytes(smoke))
-  out["matmul_GFLOPs"] = matmul_flops(256 if smoke else 2048) / 1e9
-  return out
-
-
-def batched_rooflines(weight_bytes: int, kv_bytes_per_slot: int, slots: int,
-                      bandwidth_GBps: float, matmul_GFLOPs: float, num_params: int) -> dict:
-  """The two rooflines of a decode step of `slots` slots, in tokens/s, and the bound they
-  set together on throughput / compute roofline.
-
-  A step makes one token per slot, reads every weight once and each slot's KV in use
-  (memory), and does 2 * num_params FLOPs per token (compute). No implementation beats the
-  lower of the two, so the highest throughput / compute-roofline ratio any code can reach
-  here is min(memory, compute) / compute. With float32 weights (4 bytes a parameter) and
-  no KV that is at most slots / 2 * bandwidth / FLOP rate, at 16 slots 8 * bandwidth / FLOP
-  rate: below 0.7 wherever the FLOP rate is over 11.4 x the bandwidth in bytes/s (AMD Zen
-  5, run 24: 447 GFLOP/s, 38.9 GB/s, 0.696).
-  """
-  memory = slots * bandwidth_GBps * 1e9 / (weight_bytes + slots * kv_bytes_per_slot)
-  compute = matmul_GFLOPs * 1e9 / (2 * num_params)
-  return {"memory_tokens_per_s": memory, "compute_tokens_per_s": compute,
-          "bound_over_compute": min(memory, compute) / compute}
-
-
-def matmul_flops_by_rows(rows, k: int, n: int, repeats: int = 9) -> dict:
-  """FLOP/s of an output-major [n, k] weight times `rows` rows, the model's MLP shape.
-
-  A decode step at batch B multiplies B rows by each weight; prefill multiplies the chunk's
-  rows. Small row counts cannot reach the big-matmul peak, which bounds batched throughput.
-  Each count is timed in both forms the model could use (w @ x^T and x @ w^T); the faster
-  counts, as a roofline should.
-  """
-  import jax
-  import jax.numpy as jnp
-  w = jnp.ones((n, k), jnp.float32)
-  forms = [jax.jit(lambda x, w: w @ x.T), jax.jit(lambda x, w: x @ w.T)]
-  out = {}
-  for m in rows:
-    x = jnp.ones((m, k), jnp.float32)
-    best = float("inf")
-    for f in forms:
-      f(x, w).block_until_ready()
-      best = min(best, _median_time(lambda: f(x, w).block_until_ready(), repeats))
-    out[m] = 2 * m * k * n / best / 1e9
-  return out
-
-
-def prefill_products_time(params, rows: int = 128, repeats: int = 7) -> float:
-  """Seconds for every product of a `rows`-token prefill chunk, on the model's own weights,
-  in the model's own form (transformer._matmul), with nothing else in the program.
-
-  The products are what a float32 prefill cannot do without; timing them on the real
-  weights, one after another as the layers run, gives the TTFT floor the same cache
-  and threading conditions as the prefill (a microbenchmark re-reading one warm weight
-  read 144-260 GFLOP/s at 128 rows from run to run here).
-  """
-  import jax
-  import jax.numpy as jnp
-  from model.quantize import REDUCE_AXES
-  from model.transformer import _linear
-  weights, num_in = [], []  # each weight with its count of contracted (trailing) axes
-  for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = getattr(path[-1], "key", None)
-    if name in REDUCE_AXES and name != "embedding":
-      weights.append(w)
-      num_in.append(len(REDUCE_AXES[name]))
-
-  @jax.jit
-  def products(ws):
-    total = jnp.zeros((), jnp.float32)
-    for w, n in zip(ws, num_in):  # each input depends on the last output, like the layers'
-      x = jnp.full((rows, *w.shape[w.ndim - n:]), 1e-3, jnp.float32) + total * 1e-9
-      total = total + _linear(x, w, n, jnp.float32).reshape(-1)[0]
-    return total
-
-  products(weights).block_until_ready()
-  return _median_time(lambda: products(weights).block_until_ready(), repeats)
 
 
 def _cpu_model() -> str:
@@ -302,20 +170,28 @@ def stream_vs_fused(engine, tok, new_tokens, rounds=3):
           "stream_equals_fused": bool(same), "greedy_ids": [e.token_id for e in events]}
 
 
+THROUGHPUT_PROMPT = 64  # tokens in each prompt of the throughput runs
+
+
+def _throughput_new_tokens(smoke: bool) -> int:
+  return 8 if smoke else 64
+
+
 def throughput(config, model_config, params, tok, slots, new_tokens, sampled=False):
   """Aggregate decode tokens/s with `slots` concurrent requests: greedy, or sampled with
   temperature 0.8 and top-p 0.95 (a typical chat setting; each request its own seed)."""
   from decode import sampling
   from decode.engine import Engine, Request
   engine = Engine(model_config, params, tok, _engine(config, slots))
-  engine.warmup(prompt_lengths=[64])
+  engine.warmup(prompt_lengths=[THROUGHPUT_PROMPT])
 
   def settings(i):
     if not sampled:
       return None
     return sampling.make_params(temperature=0.8, top_p=0.95, seed=i,
                                 max_bias=engine.engine_config.max_bias)
-  streams = [engine.submit(Request(_prompt(tok, 64, i), new_tokens, settings(i), stop_ids=()))
+  streams = [engine.submit(Request(_prompt(tok, THROUGHPUT_PROMPT, i), new_tokens, settings(i),
+                                  stop_ids=()))
              for i in range(slots)]
   # Admit everyone before the clock starts: each step() prefills at most one largest bucket.
   while any(s.num_tokens == 0 for s in streams):
@@ -380,7 +256,7 @@ def variant(config, model_config, params, tok, name, new_tokens, prompt_len, smo
   out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(vparams))
   if many_slots:
     out["throughput16_tokens_per_s"] = throughput(config, vconfig, vparams, tok,
-                                                  2 if smoke else 16, 8 if smoke else 64)
+                                                  2 if smoke else 16, _throughput_new_tokens(smoke))
   return out
 
 
@@ -472,18 +348,19 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   # diagnostic, since on this shared machine the best reading moved by 1.5x within a run
   # (runs 21-23: 43-47 GB/s at the start, 69-72 at the end). The target ratio still takes
   # the run's best reading.
-  around_tpot = [memory_bandwidth(_bandwidth_bytes(smoke))["memory_bandwidth_GBps"]]
+  around_tpot = [memory_bandwidth(bandwidth_bytes(smoke))["memory_bandwidth_GBps"]]
   result.update(latency(engine, tok, new_tokens, prompt_lens, 1 if smoke else 3))
-  around_tpot.append(memory_bandwidth(_bandwidth_bytes(smoke))["memory_bandwidth_GBps"])
+  around_tpot.append(memory_bandwidth(bandwidth_bytes(smoke))["memory_bandwidth_GBps"])
   result.update(stream_vs_fused(engine, tok, new_tokens, 1 if smoke else 3))
   # The fused program is a benchmark-only extra; the serving path is prefill + decode.
   compiles_after = compile_count() - warm - 1
 
+  batched_new = _throughput_new_tokens(smoke)
   result["throughput_tokens_per_s"] = {
-      n: throughput(config, model_config, params, tok, n, 8 if smoke else 64) for n in slot_counts}
-  n = 16 if 16 in slot_counts else max(slot_counts)
+      n: throughput(config, model_config, params, tok, n, batched_new) for n in slot_counts}
+  n16 = 16 if 16 in slot_counts else max(slot_counts)  # the batched ratios' slot count
   result["throughput_sampled_tokens_per_s"] = {
-      n: throughput(config, model_config, params, tok, n, 8 if smoke else 64, sampled=True)}
+      n16: throughput(config, model_config, params, tok, n16, batched_new, sampled=True)}
   contexts = (16, 64) if smoke else (256, 8192)
   steps_per_ctx = 4 if smoke else 32
   tpots = long_context(config, model_config, params, tok, contexts,
@@ -509,12 +386,10 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   result["prefill_128_products_s"] = prefill_products_time(params, 16 if smoke else 128)
   result["floor_ttft_128_s"] = (result["prefill_128_products_s"]
                                 + head_bytes / (result["memory_bandwidth_GBps"] * 1e9))
-  by_slots = result["throughput_tokens_per_s"]
-  n16 = 16 if 16 in by_slots else max(by_slots, key=by_slots.get)
-  t16 = by_slots[n16]
-  # The throughput runs' mean context (64-token prompts, then their new tokens), and the
-  # least KV a step can read there: a bound must not count bytes some code could skip.
-  kv_least = cache_bytes_read(cache, 64 + (8 if smoke else 64) // 2, whole_blocks=False)
+  t16 = result["throughput_tokens_per_s"][n16]
+  # The throughput runs' mean context (their prompts, then their new tokens), and the least
+  # KV a step can read there: a bound must not count bytes some code could skip.
+  kv_least = cache_bytes_read(cache, THROUGHPUT_PROMPT + batched_new // 2, whole_blocks=False)
   bound = batched_rooflines(weight_bytes, kv_least, n16, result["memory_bandwidth_GBps"],
                             result["matmul_GFLOPs"], model_config.num_params)
   result.update(
@@ -525,6 +400,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
       tpot_over_roofline_at_tpot=(result["tpot_median_s"]
                                   * result["memory_bandwidth_at_tpot_GBps"] * 1e9 / step_bytes),
       throughput16_over_compute_roofline=t16 / compute_tokens_per_s,
+      throughput16_slots=n16,
       throughput16_memory_roofline_tokens_per_s=bound["memory_tokens_per_s"],
       throughput16_bound_over_compute_roofline=bound["bound_over_compute"],
       throughput16_over_roofline=t16 / min(bound["memory_tokens_per_s"],

@@ -328,8 +328,9 @@ def layout_embedding(config: ModelConfig, params: dict, layout: str = "DV"):
   a prefill) is a vector-times-matrix product, which streams a [D,V] weight ~25% faster
   (Gemma 3 270M's head: 21-23 vs 29-30 ms); from two rows up [V,D] is faster (16 rows: 61 vs
   78 ms). The packed layout is what the native head reads (kernels/f32_packed.cc): 16 rows
-  of Gemma 3 270M's head in 16.9-17.9 ms against 20.9-22.2 for [V,D] in f32_linear, and one
-  row in 13.6-14.1 against 14.0-15.0 for [D,V] in XLA (AMD Zen 5).
+  of Gemma 3 270M's head in 16.9-17.9 ms against 20.9-22.2 for [V,D] in f32_linear (AMD Zen
+  5). At one row packed and [D,V] in XLA tie on Zen 5 (13.6-14.1 against 14.0-15.0 ms) and
+  [D,V] wins on Intel (22.7-23.5 against 23.9-25.5 ms), hence "auto"'s [D,V] for one slot.
   """
   if config.embedding_layout == layout:
     return config, params
