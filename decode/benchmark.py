@@ -379,7 +379,6 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   result["memory_bandwidth_at_tpot_GBps"] = max(around_tpot)
   result["memory_bandwidth_GBps"] = max(result["memory_bandwidth_GBps"], *around_tpot)
   result["roofline_tpot_s"] = step_bytes / (result["memory_bandwidth_GBps"] * 1e9)
-  compute_tokens_per_s = result["matmul_GFLOPs"] * 1e9 / (2 * model_config.num_params)
   # TTFT floor for 128 tokens: every non-embedding weight multiplies 128 rows (timed on the
   # real weights), then one row reads the whole vocabulary head at memory bandwidth.
   head_bytes = sum(x.nbytes for x in jax.tree.leaves(params["embedder"]))
@@ -392,6 +391,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
   kv_least = cache_bytes_read(cache, THROUGHPUT_PROMPT + batched_new // 2, whole_blocks=False)
   bound = batched_rooflines(weight_bytes, kv_least, n16, result["memory_bandwidth_GBps"],
                             result["matmul_GFLOPs"], model_config.num_params)
+  compute_tokens_per_s = bound["compute_tokens_per_s"]
   result.update(
       compile_times_s=compile_times,
       compute_roofline_tokens_per_s=compute_tokens_per_s,
@@ -403,8 +403,7 @@ def run(config, smoke: bool, new_tokens: int, slot_counts, peer: bool, variants=
       throughput16_slots=n16,
       throughput16_memory_roofline_tokens_per_s=bound["memory_tokens_per_s"],
       throughput16_bound_over_compute_roofline=bound["bound_over_compute"],
-      throughput16_over_roofline=t16 / min(bound["memory_tokens_per_s"],
-                                           bound["compute_tokens_per_s"]),
+      throughput16_over_roofline=t16 / bound["lower_tokens_per_s"],
       tpot_ctx8192_over_ctx256=tpots[max(contexts)] / tpots[min(contexts)],
       compiles_after_warmup=compiles_after)
   ours = result.pop("greedy_ids")

@@ -112,4 +112,3 @@ def test_tpot_pools_the_gaps_of_every_stream():
   assert out["tpot_median_s"] == pytest.approx(3.0)
   assert out["tpot_p90_s"] == pytest.approx(6.0)
   assert next(streams, None) is None  # exactly repeats streams for TTFT and for TPOT
-
